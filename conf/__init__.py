@@ -1,0 +1,1 @@
+"""Hydra config files of embplex and its first-party plugins."""

@@ -1,0 +1,46 @@
+"""Errors embplex raises. Every message says what the user can do next."""
+
+from __future__ import annotations
+
+
+class EmbplexError(Exception):
+    """Base class of every error embplex raises on purpose."""
+
+
+class UnknownComponentError(EmbplexError, KeyError):
+    """A plugin name that no installed plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class OptionError(EmbplexError, TypeError):
+    """An option a component does not take, or a value of the wrong kind."""
+
+
+class DuplicateComponentError(EmbplexError):
+    """Two plugins registered the same name for the same kind."""
+
+
+class UnsafeConfigError(EmbplexError):
+    """A config asked for something embplex refuses to do (e.g. ``_target_``)."""
+
+
+class InputError(EmbplexError, ValueError):
+    """Texts that cannot be embedded: empty list, ``None``, non-strings, too long."""
+
+
+class DimensionError(EmbplexError, ValueError):
+    """Vectors whose width does not match the index or model."""
+
+
+class ModelFileError(EmbplexError, OSError):
+    """A saved model, checkpoint or index that is missing or corrupt."""
+
+
+class MissingPluginError(EmbplexError):
+    """A saved model needs a plugin that is not installed."""
+
+
+class CheckpointMismatchError(EmbplexError):
+    """A checkpoint written by a run with a different configuration."""

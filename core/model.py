@@ -1,0 +1,327 @@
+"""An embedding model composed of registered components, and its save format."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .components import Attention, Backbone, Features, Pooling, TrainingBatch
+from .errors import InputError, MissingPluginError, ModelFileError, UnknownComponentError
+from .registry import Registry, load_registry
+from .storage import atomic_directory, read_json, write_json
+
+CONFIG_FILE = "embplex.json"
+FORMAT_VERSION = 1
+MODEL_KINDS = ("backbone", "attention", "pooling")
+
+
+def component_spec(value: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Normalise ``"mean"`` or ``{"name": "mean", **options}`` to ``{"name", "options"}``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {"name": value, "options": {}}
+    if "name" not in value:
+        raise InputError(f"component config {dict(value)!r} has no 'name'; say which plugin to use.")
+    options = {k: v for k, v in value.items() if k != "name"}
+    return {"name": value["name"], "options": dict(options.get("options", options))}
+
+
+class EmbeddingModel(nn.Module):
+    """backbone -> (attention inside it) -> pooling -> optional L2 normalisation."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        pooling: Pooling,
+        attention: Attention | None = None,
+        normalize: bool = True,
+        specs: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.attention = attention
+        self.normalize = normalize
+        self.specs = specs or {}
+
+    # -- composition -------------------------------------------------------------------
+
+    @classmethod
+    def compose(
+        cls,
+        backbone: str | Mapping[str, Any],
+        pooling: str | Mapping[str, Any] = "mean",
+        attention: str | Mapping[str, Any] | None = None,
+        normalize: bool = True,
+        registry: Registry | None = None,
+    ) -> "EmbeddingModel":
+        """Build a model from plugin names and options, the same ones the CLI takes::
+
+            EmbeddingModel.compose({"name": "hf_encoder", "path": "..."}, pooling="mean")
+        """
+        registry = registry or load_registry()
+        given = {"backbone": backbone, "attention": attention, "pooling": pooling}
+        specs = {kind: component_spec(value) for kind, value in given.items() if value is not None}
+        parts = {kind: registry.create(kind, s["name"], **s["options"]) for kind, s in specs.items()}
+        for kind, spec in specs.items():
+            info = registry.get(kind, spec["name"])
+            spec["plugin"] = info.plugin
+            spec["distribution"] = info.distribution.name if info.distribution else None
+            spec["version"] = info.distribution.version if info.distribution else None
+        return cls(
+            backbone=parts["backbone"],
+            pooling=parts["pooling"],
+            attention=parts.get("attention"),
+            normalize=normalize,
+            specs=specs,
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.pooling.output_dim(self.backbone.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    # -- forward -----------------------------------------------------------------------
+
+    def embed(
+        self, features: Features, layers: Sequence[int | None] = (None,)
+    ) -> dict[int | None, Tensor]:
+        """Embeddings at each requested layer from one backbone pass.
+
+        ``None`` stands for the last layer. Layers count like ``hidden_states``: layer
+        ``k`` is the output of the ``k``-th transformer block.
+        """
+        deepest = None if any(layer is None for layer in layers) else max(layers)
+        features = self.backbone(features, attention=self.attention, num_layers=deepest)
+        out: dict[int | None, Tensor] = {}
+        for layer in layers:
+            pooled = self.pooling(features.at_layer(layer))
+            out[layer] = nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+        return out
+
+    def forward(self, features: Features) -> Tensor:
+        return self.embed(features)[None]
+
+    def embed_roles(
+        self, batch: TrainingBatch, layers: Sequence[int | None] = (None,)
+    ) -> dict[str, dict[int | None, Tensor]]:
+        """Each role's embeddings (``anchors``, ``positives``, ``negatives``) per layer."""
+        return {role: self.embed(features, layers) for role, features in batch.roles().items()}
+
+    # -- inference ---------------------------------------------------------------------
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 32,
+        normalize: bool | None = None,
+        prompt: str | None = None,
+        convert_to: str = "numpy",
+        show_progress: bool | None = None,
+        truncation: str = "warn",
+        layer: int | None = None,
+        dim: int | None = None,
+    ) -> np.ndarray | Tensor:
+        """Embed texts.
+
+        :param texts: a string or a list of non-empty strings.
+        :param normalize: L2-normalise; ``None`` uses the model's setting.
+        :param prompt: an instruction prepended to every text; its tokens are flagged so
+            pooling can leave them out.
+        :param convert_to: ``"numpy"`` or ``"torch"``.
+        :param truncation: what to do with texts longer than the model accepts:
+            ``"warn"`` (truncate and warn), ``"silent"`` or ``"error"``.
+        :param layer: pool at this layer (elastic depth); ``None`` is the last.
+        :param dim: keep the first ``dim`` dimensions (Matryoshka), renormalised.
+        """
+        single = isinstance(texts, str)
+        texts = check_texts([texts] if single else texts)
+        if truncation not in ("warn", "silent", "error"):
+            raise InputError(f"truncation must be 'warn', 'silent' or 'error', not {truncation!r}.")
+        if convert_to not in ("numpy", "torch"):
+            raise InputError(f"convert_to must be 'numpy' or 'torch', not {convert_to!r}.")
+        if dim is not None and not 0 < dim <= self.dim:
+            raise InputError(f"dim must be between 1 and the model's {self.dim}, not {dim}.")
+        normalize = self.normalize if normalize is None else normalize
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if show_progress is None:
+            show_progress = len(batches) > 4
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        chunks: list[Tensor] = []
+        truncated = 0
+        try:
+            with torch.inference_mode():
+                for batch in tqdm(batches, desc="Encoding", unit="batch", disable=not show_progress):
+                    features = self.backbone.tokenize([texts[i] for i in batch], prompt=prompt)
+                    truncated += int(features.extra.get("truncated", 0))
+                    if truncated and truncation == "error":
+                        raise InputError(
+                            f"{truncated} text(s) exceed the model's maximum of "
+                            f"{self.backbone.max_length} tokens; shorten them or pass "
+                            "truncation='warn' to truncate."
+                        )
+                    features = self.backbone(
+                        features.to(self.device), attention=self.attention, num_layers=layer
+                    )
+                    pooled = self.pooling(features.at_layer(layer)).float()
+                    if dim is not None:
+                        pooled = pooled[:, :dim]
+                    if normalize:
+                        pooled = nn.functional.normalize(pooled, dim=-1)
+                    chunks.append(pooled.cpu())
+        finally:
+            self.train(was_training)
+        if truncated and truncation == "warn":
+            warnings.warn(
+                f"{truncated} text(s) were longer than {self.backbone.max_length} tokens and "
+                "were truncated; pass truncation='error' to refuse them instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+        embeddings = torch.cat(chunks)[torch.from_numpy(np.argsort(order, kind="stable"))]
+        if single:
+            embeddings = embeddings[0]
+        return embeddings if convert_to == "torch" else embeddings.numpy()
+
+    # -- persistence -------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the model to ``path`` atomically.
+
+        Layout: the backbone at the root (sentence-transformers' place for it), every other
+        component in a folder named after its kind, and ``embplex.json`` recording plugin
+        names, options and distribution versions. When every part has a
+        sentence-transformers equivalent, ``modules.json`` is written too, so
+        ``SentenceTransformer(path)`` loads the same model.
+        """
+        import embplex
+
+        with atomic_directory(path) as root:
+            parts = self._parts()
+            for kind, part in parts.items():
+                part.save(root if kind == "backbone" else root / kind)
+            self._save_sentence_transformers(root, parts)
+            write_json(
+                root / CONFIG_FILE,
+                {
+                    "format": FORMAT_VERSION,
+                    "embplex_version": embplex.__version__,
+                    "normalize": self.normalize,
+                    "dim": self.dim,
+                    "components": self.specs,
+                },
+            )
+
+    def _parts(self) -> dict[str, nn.Module]:
+        parts = {"backbone": self.backbone, "pooling": self.pooling}
+        if self.attention is not None:
+            parts["attention"] = self.attention
+        return parts
+
+    def _save_sentence_transformers(self, root: Path, parts: dict[str, nn.Module]) -> None:
+        ordered = [parts["backbone"], *(parts[k] for k in ("attention", "pooling") if k in parts)]
+        entries = []
+        for part in ordered:
+            entry = part.sentence_transformers_module(root, len(entries), self.backbone.hidden_size)
+            if entry is None:
+                return
+            entries.append(entry)
+        if self.normalize:
+            idx = len(entries)
+            (root / f"{idx}_Normalize").mkdir()
+            entries.append({"path": f"{idx}_Normalize", "type": "sentence_transformers.models.Normalize"})
+        modules = [{"idx": i, "name": str(i), **entry} for i, entry in enumerate(entries)]
+        (root / "modules.json").write_text(json.dumps(modules, indent=2))
+        (root / "config_sentence_transformers.json").write_text(
+            json.dumps({"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"}, indent=2)
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, registry: Registry | None = None) -> "EmbeddingModel":
+        """Load a model saved by :meth:`save`, resolving its plugins through the registry."""
+        root = Path(path)
+        if not root.is_dir():
+            raise ModelFileError(f"no saved model at {root}: the folder does not exist.")
+        config = read_json(root / CONFIG_FILE, "embplex model config")
+        if not isinstance(config, dict) or "components" not in config:
+            raise ModelFileError(f"{root / CONFIG_FILE} is not an embplex model config; save the model again.")
+        registry = registry or load_registry()
+        specs = config["components"]
+        parts: dict[str, Any] = {}
+        for kind, spec in specs.items():
+            try:
+                info = registry.get(kind, spec["name"])
+            except UnknownComponentError:
+                raise MissingPluginError(_missing_plugin_message(kind, spec, root)) from None
+            parts[kind] = info.factory.from_saved(
+                root if kind == "backbone" else root / kind, dict(spec.get("options", {}))
+            )
+        return cls(
+            backbone=parts["backbone"],
+            pooling=parts["pooling"],
+            attention=parts.get("attention"),
+            normalize=bool(config.get("normalize", True)),
+            specs=specs,
+        )
+
+
+def _missing_plugin_message(kind: str, spec: dict[str, Any], root: Path) -> str:
+    dist = spec.get("distribution")
+    install = f"install it with: pip install '{dist}=={spec.get('version')}'" if dist else (
+        "it was registered in-process, not by an installed distribution; register it again"
+    )
+    return (
+        f"The model at {root} needs the {kind} plugin '{spec['name']}', which is not installed; "
+        f"{install}."
+    )
+
+
+def check_texts(texts: Any) -> list[str]:
+    """Refuse what cannot be embedded, naming the offending position."""
+    if texts is None or isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Sequence):
+        raise InputError(f"texts must be a string or a list of strings, not {type(texts).__name__}.")
+    texts = list(texts)
+    if not texts:
+        raise InputError("no texts to encode: pass at least one non-empty string.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(
+                f"text {i} is {type(text).__name__}, not a string; convert it (or drop it) first."
+            )
+        if not text.strip():
+            raise InputError(f"text {i} is empty; every text needs some content to embed.")
+    return texts
+
+
+_ST_POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "lasttoken", "weightedmean_tokens")
+
+
+def sentence_transformers_pooling(root: Path, index: int, mode: str, hidden_size: int) -> dict[str, str]:
+    """Write sentence-transformers' ``Pooling`` config for ``mode`` (``mean``, ``cls``,
+    ``max``, ``lasttoken``, ``weightedmean``) and return its ``modules.json`` entry."""
+    wanted = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens"}.get(mode, mode)
+    wanted = {"weightedmean": "weightedmean_tokens"}.get(wanted, wanted)
+    if wanted not in _ST_POOLING_MODES:
+        raise ValueError(f"sentence-transformers has no pooling mode {mode!r}")
+    folder = root / f"{index}_Pooling"
+    write_json(
+        folder / "config.json",
+        {"word_embedding_dimension": hidden_size, **{f"pooling_mode_{m}": m == wanted for m in _ST_POOLING_MODES}},
+    )
+    return {"path": folder.name, "type": "sentence_transformers.models.Pooling"}

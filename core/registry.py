@@ -1,0 +1,254 @@
+"""Plugin discovery and the component registry.
+
+Plugins are modules named by entry points in the ``embplex`` group (first-party ones
+too). We load them with our own loop rather than pluggy's ``load_setuptools_entrypoints``
+so that one broken plugin is reported instead of aborting start-up, and so that two
+plugins claiming the same name is an error instead of a silent skip.
+
+Environment variables:
+
+* ``EMBPLEX_PLUGINS``: comma-separated allow-list of entry-point names or distribution
+  names; when set, nothing else loads.
+* ``EMBPLEX_DISABLE_PLUGINS``: comma-separated block-list, same names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import inspect
+import os
+import warnings
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Iterable, Protocol
+
+import pluggy
+
+from . import hookspecs
+from .errors import DuplicateComponentError, OptionError, UnknownComponentError
+
+ENTRY_POINT_GROUP = "embplex"
+KINDS = ("backbone", "attention", "pooling", "loss", "sampler", "index")
+_HOOK_FOR_KIND = {
+    "backbone": "register_backbones",
+    "attention": "register_attentions",
+    "pooling": "register_poolings",
+    "loss": "register_losses",
+    "sampler": "register_samplers",
+    "index": "register_indexes",
+}
+
+hookimpl = pluggy.HookimplMarker("embplex")
+
+
+class Register(Protocol):
+    def __call__(self, name: str, factory: Callable[..., Any], *, paper: str | None = None) -> None:
+        ...
+
+
+@dataclass(frozen=True)
+class Distribution:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A registered component and where it came from."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    distribution: Distribution | None
+    paper: str | None = None
+
+    @property
+    def requirement(self) -> str | None:
+        if self.distribution is None:
+            return None
+        return f"{self.distribution.name}=={self.distribution.version}"
+
+    def option_names(self) -> list[str]:
+        return [
+            p.name
+            for p in inspect.signature(self.factory).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+
+    def create(self, **options: Any) -> Any:
+        """Build the component, rejecting options its factory does not take."""
+        check_options(self, options)
+        return self.factory(**options)
+
+
+def check_options(info: ComponentInfo, options: dict[str, Any]) -> None:
+    parameters = inspect.signature(info.factory).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = info.option_names()
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise OptionError(
+                f"{info.kind} '{info.name}' has no option '{key}'.{hint} "
+                f"Its options are: {', '.join(accepted) or '(none)'}."
+            )
+
+
+@dataclass(frozen=True)
+class FailedPlugin:
+    name: str
+    distribution: Distribution | None
+    error: str
+
+
+@dataclass
+class Registry:
+    """Every component registered by the loaded plugins, by kind and name."""
+
+    components: dict[str, dict[str, ComponentInfo]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    failed: list[FailedPlugin] = field(default_factory=list)
+    config_paths: list[str] = field(default_factory=list)
+    plugin_manager: pluggy.PluginManager | None = None
+
+    def names(self, kind: str) -> list[str]:
+        self._check_kind(kind)
+        return sorted(self.components[kind])
+
+    def get(self, kind: str, name: str) -> ComponentInfo:
+        self._check_kind(kind)
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            available = ", ".join(self.names(kind)) or "(none installed)"
+            close = difflib.get_close_matches(name, self.names(kind), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UnknownComponentError(
+                f"No {kind} plugin named '{name}'.{hint} Available {kind} plugins: {available}."
+            ) from None
+
+    def create(self, kind: str, name: str, **options: Any) -> Any:
+        return self.get(kind, name).create(**options)
+
+    def __iter__(self) -> Iterable[ComponentInfo]:
+        for kind in KINDS:
+            yield from (self.components[kind][n] for n in self.names(kind))
+
+    def add(self, info: ComponentInfo) -> None:
+        existing = self.components[info.kind].get(info.name)
+        if existing is not None:
+            raise DuplicateComponentError(
+                f"{info.kind} '{info.name}' is registered twice: by plugin '{existing.plugin}' "
+                f"({_describe(existing.distribution)}) and by plugin '{info.plugin}' "
+                f"({_describe(info.distribution)}). Uninstall one of them, or disable one "
+                f"with EMBPLEX_DISABLE_PLUGINS."
+            )
+        self.components[info.kind][info.name] = info
+
+    @staticmethod
+    def _check_kind(kind: str) -> None:
+        if kind not in KINDS:
+            raise UnknownComponentError(f"No component kind '{kind}'. Kinds: {', '.join(KINDS)}.")
+
+
+def _describe(distribution: Distribution | None) -> str:
+    if distribution is None:
+        return "not from an installed distribution"
+    return f"distribution {distribution.name} {distribution.version}"
+
+
+def _split_env(name: str) -> set[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager("embplex")
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+def load_registry(
+    entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
+    extra_plugins: Iterable[tuple[str, ModuleType | object]] = (),
+) -> Registry:
+    """Discover plugins and build a fresh registry (no global state).
+
+    :param entry_points: the entry points to load; defaults to the installed ones of the
+        ``embplex`` group. Tests pass fake ones.
+    :param extra_plugins: ``(name, module_or_object)`` pairs registered as well, for
+        plugins defined in-process (tests, notebooks).
+    """
+    manager = new_plugin_manager()
+    registry = Registry(plugin_manager=manager)
+    allow = _split_env("EMBPLEX_PLUGINS")
+    block = _split_env("EMBPLEX_DISABLE_PLUGINS") or set()
+    distributions: dict[str, Distribution | None] = {}
+
+    for ep in _entry_points() if entry_points is None else entry_points:
+        dist = _distribution_of(ep)
+        names = {ep.name} | ({dist.name} if dist else set())
+        if allow is not None and not names & allow:
+            continue
+        if names & block:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken plugin must not take the others down
+            message = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"embplex plugin '{ep.name}' ({_describe(dist)}) failed to load and was "
+                f"skipped: {message}. Reinstall or fix it, or disable it with "
+                f"EMBPLEX_DISABLE_PLUGINS={ep.name}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            registry.failed.append(FailedPlugin(ep.name, dist, message))
+            continue
+        if manager.is_registered(plugin) or manager.get_plugin(ep.name) is not None:
+            continue
+        manager.register(plugin, name=ep.name)
+        distributions[ep.name] = dist
+
+    for name, plugin in extra_plugins:
+        manager.register(plugin, name=name)
+        distributions[name] = None
+
+    manager.check_pending()
+
+    for kind, hook_name in _HOOK_FOR_KIND.items():
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            register = _bound_register(registry, kind, impl.plugin_name, distributions.get(impl.plugin_name))
+            impl.function(*[register for _ in impl.argnames])
+    for impl in manager.hook.register_config_paths.get_hookimpls():
+        impl.function(*[registry.config_paths.append for _ in impl.argnames])
+    return registry
+
+
+def _bound_register(
+    registry: Registry, kind: str, plugin: str, distribution: Distribution | None
+) -> Register:
+    def register(name: str, factory: Callable[..., Any], *, paper: str | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"plugin '{plugin}' registered a {kind} without a name")
+        registry.add(ComponentInfo(kind, name, factory, plugin, distribution, paper))
+
+    return register
+
+
+def _distribution_of(ep: importlib.metadata.EntryPoint) -> Distribution | None:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None
+    return Distribution(dist.metadata["Name"], dist.version)

@@ -1,0 +1,47 @@
+"""Backbone ``hf_encoder``: any local Hugging Face encoder (BERT, RoBERTa, MiniLM, ...).
+
+Baseline: BERT-style encoders as used by Sentence-BERT (Reimers & Gurevych, 2019,
+arXiv:1908.10084). Returns every layer's hidden states. ``num_layers`` keeps only the
+first k transformer blocks (elastic depth, as 2D Matryoshka and Starbucks models are
+meant to be served); the saved model then has k blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import embplex
+from embplex.components import Backbone
+from embplex.hf import TransformersBackbone
+
+
+class HFEncoder(TransformersBackbone, Backbone):
+    auto_class = "AutoModel"
+
+    def __init__(
+        self,
+        path: str = "all-MiniLM-L6-v2",
+        num_layers: int | None = None,
+        max_length: int | None = None,
+        trust_remote_code: bool = False,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        self._load(path, max_length, num_layers, trust_remote_code, dtype)
+
+    def sentence_transformers_module(
+        self, root: Path, index: int, hidden_size: int
+    ) -> dict[str, str] | None:
+        if index != 0:
+            return None
+        embplex.storage.write_json(
+            root / "sentence_bert_config.json",
+            {"max_seq_length": self.max_length, "do_lower_case": False},
+        )
+        return {"path": "", "type": "sentence_transformers.models.Transformer"}
+
+
+@embplex.hookimpl
+def register_backbones(register: Any) -> None:
+    register("hf_encoder", HFEncoder, paper="Sentence-BERT (2019), arXiv:1908.10084")
