@@ -50,6 +50,20 @@ def resolve_model_path(path: str | os.PathLike[str]) -> str:
     return text
 
 
+def _sentence_transformers_max_length(location: str) -> int | None:
+    """``max_seq_length`` from a local folder's ``sentence_bert_config.json``, if any."""
+    import json
+
+    config = Path(location) / "sentence_bert_config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def _looks_like_hub_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith(("/", "."))
 
@@ -151,7 +165,7 @@ class TransformersBackbone:
                 dtype=getattr(torch, dtype),
                 attn_implementation="sdpa",
             )
-        except OSError as exc:
+        except Exception as exc:  # missing files, corrupt weights, unknown architectures
             raise ModelFileError(
                 f"could not load a transformers model from {location!r} ({exc}). "
                 "Pass a local model folder as backbone.path (set HF_HUB_OFFLINE=1 to use only the local cache)."
@@ -164,8 +178,22 @@ class TransformersBackbone:
         self.hidden_size = self.model.config.hidden_size
         limit = getattr(self.model.config, "max_position_embeddings", None) or 512
         model_limit = min(limit, self.tokenizer.model_max_length or limit)
+        # sentence-transformers models declare the length they were trained at (often
+        # shorter than the position table); use it by default so embeddings match theirs.
+        model_limit = _sentence_transformers_max_length(location) or model_limit
         self.max_length = min(max_length or model_limit, limit)
         self._prefix_specials = self._count_prefix_specials()
+        self._install_output_hooks()
+
+    def _install_output_hooks(self) -> None:
+        # transformers installs its hidden-state recording hooks on the first forward
+        # pass, for the blocks present then; install them now, on every block, so a
+        # first pass cut short by ``_depth`` cannot leave later blocks unrecorded.
+        try:
+            from transformers.utils.output_capturing import install_all_output_capturing_hooks
+        except ImportError:  # older transformers record hidden states without hooks
+            return
+        install_all_output_capturing_hooks(self.model)
 
     # -- layers ----------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class EmbeddingModel(nn.Module):
         self.attention = attention
         self.normalize = normalize
         self.specs = specs or {}
+        self.eval()  # like transformers' from_pretrained: training is opted into
 
     # -- composition -------------------------------------------------------------------
 

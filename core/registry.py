@@ -216,10 +216,15 @@ def load_registry(
             )
             registry.failed.append(FailedPlugin(ep.name, dist, message))
             continue
-        if manager.is_registered(plugin) or manager.get_plugin(ep.name) is not None:
+        if manager.is_registered(plugin):  # the same module reached through two entry points
             continue
-        manager.register(plugin, name=ep.name)
-        distributions[ep.name] = dist
+        plugin_name = ep.name
+        if manager.get_plugin(plugin_name) is not None:
+            # Two distributions may pick the same entry-point name; load both, so that a
+            # clash of component names is reported instead of one plugin vanishing.
+            plugin_name = f"{ep.name}@{dist.name if dist else ep.value}"
+        manager.register(plugin, name=plugin_name)
+        distributions[plugin_name] = dist
 
     for name, plugin in extra_plugins:
         manager.register(plugin, name=name)

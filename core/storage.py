@@ -71,7 +71,7 @@ def read_json(path: str | Path, what: str) -> Any:
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -79,7 +79,7 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"weights file {path} is missing; save the model again.")
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"weights file {path} is corrupt ({exc}); save the model again.") from exc
 
 

@@ -44,3 +44,27 @@ def minilm(minilm_path):
     import embplex
 
     return embplex.compose({"name": "hf_encoder", "path": minilm_path}, pooling="mean")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_path(tmp_path_factory, minilm_path) -> str:
+    """A randomly initialised 3-layer BERT (hidden 32) with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_model(tiny_bert_path):
+    import embplex
+
+    return embplex.compose({"name": "hf_encoder", "path": tiny_bert_path}, pooling="mean")

@@ -1,0 +1,30 @@
+# embplex — the two commands a new user needs:
+#   make quickstart   set up, then fine-tune and evaluate all-MiniLM-L6-v2 on SciFact
+#   make test         set up, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup quickstart test bench-smoke clean
+
+setup: $(VENV)/.installed
+
+# torch 2.13.0 first: a CPU build of it lies on this machine's disk, while a bare
+# "torch" requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+quickstart: setup
+	$(BIN)/embplex quickstart
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info

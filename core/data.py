@@ -1,0 +1,391 @@
+"""Reading training and evaluation data from the standard file formats.
+
+Training loaders return ``list[Example]``; evaluation readers return plain Python
+containers. Every loader takes ``limit`` (keep the first N examples, for quick runs).
+
+Formats (``load_training_data`` picks one by ``spec["format"]``):
+
+* ``pairs``: TSV ``sentence1, sentence2, label`` (keep label 1) or
+  ``sentence1, sentence2, score`` (keep score >= ``min_score``, 4.0 by default).
+* ``triplets``: TSV ``anchor, positive, negative``.
+* ``beir``: a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``);
+  one example per relevant (query, document) pair, the document as title + " " + text.
+* ``flagembedding``: FlagEmbedding's JSONL (``query``, ``pos`` list, ``neg`` list and
+  optional ``pos_scores``, ``neg_scores``, ``prompt``), a file or a folder of files.
+* ``sts``: TSV ``sentence1, sentence2, score`` keeping every pair with its score in
+  ``Example.scores`` (for losses that learn from scores).
+
+TSV files are read as CSV with tab separators, so fields wrapped in quotes with inner
+quotes doubled, as in the MRPC and STS-B files, come back as the original text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from .components import Example
+from .errors import InputError, ModelFileError, OptionError
+
+__all__ = [
+    "FORMATS",
+    "load_beir",
+    "load_beir_pairs",
+    "load_flagembedding_jsonl",
+    "load_pairs_tsv",
+    "load_sts",
+    "load_sts_pairs",
+    "load_training_data",
+    "load_triplets_tsv",
+]
+
+DEFAULT_MIN_SCORE = 4.0
+
+
+# ---------------------------------------------------------------------------
+# file helpers
+# ---------------------------------------------------------------------------
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"{what} not found: {path} does not exist; check the data path.")
+    return path
+
+
+def _read_tsv(path: str | Path, what: str) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
+    """The header and the rows (with their line numbers) of a TSV file."""
+    path = _existing(path, what)
+    handle = path.open(newline="", encoding="utf-8")
+    reader = csv.reader(handle, delimiter="\t")
+    header = [column.strip() for column in next(reader, [])]
+    if not header:
+        handle.close()
+        raise InputError(f"{path} is empty; a {what} needs a header line.")
+
+    def rows() -> Iterator[tuple[int, dict[str, str]]]:
+        with handle:
+            for line, row in enumerate(reader, start=2):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise InputError(
+                        f"{path}, line {line}: {len(row)} fields where the header has "
+                        f"{len(header)}; fix the line or quote fields that contain tabs."
+                    )
+                yield line, dict(zip(header, row))
+
+    return header, rows()
+
+
+def _require_columns(path: str | Path, header: list[str], *options: tuple[str, ...]) -> tuple[str, ...]:
+    """The first column set in ``options`` that the header has, else a clear error."""
+    for columns in options:
+        if all(column in header for column in columns):
+            return columns
+    wanted = " or ".join("(" + ", ".join(columns) + ")" for columns in options)
+    raise InputError(f"{path} has columns ({', '.join(header)}); expected {wanted}.")
+
+
+def _number(value: str, path: str | Path, line: int, column: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InputError(f"{path}, line {line}: {column} {value!r} is not a number.") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {line} is not valid JSON ({exc}).") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}.")
+            yield line, record
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise OptionError(f"limit must be a positive number of examples or None, not {limit!r}.")
+
+
+def _limited(examples: list[Example], limit: int | None) -> list[Example]:
+    _check_limit(limit)
+    return examples if limit is None else examples[:limit]
+
+
+# ---------------------------------------------------------------------------
+# training data
+# ---------------------------------------------------------------------------
+
+
+def load_pairs_tsv(
+    path: str | Path,
+    min_score: float | None = None,
+    limit: int | None = None,
+    task: str | None = None,
+) -> list[Example]:
+    """Positive pairs from a TSV with a header.
+
+    ``sentence1, sentence2, label``: rows with label 1 are kept.
+    ``sentence1, sentence2, score``: rows with score >= ``min_score`` are kept
+    (4.0 by default, the usual cut for STS-B's 0-5 scale).
+    """
+    header, rows = _read_tsv(path, "pairs file")
+    columns = _require_columns(
+        path, header, ("sentence1", "sentence2", "label"), ("sentence1", "sentence2", "score")
+    )
+    by_label = columns[2] == "label"
+    if by_label and min_score is not None:
+        raise OptionError(f"{path} has labels, not scores; min_score applies only to scored pairs.")
+    threshold = DEFAULT_MIN_SCORE if min_score is None else float(min_score)
+    task = task or Path(path).stem
+    examples = []
+    for line, row in rows:
+        value = _number(row[columns[2]], path, line, columns[2])
+        keep = value == 1 if by_label else value >= threshold
+        if keep:
+            examples.append(Example(anchor=row["sentence1"], positive=row["sentence2"], task=task))
+        if limit is not None and len(examples) >= limit:
+            break
+    return _limited(examples, limit)
+
+
+def load_sts_pairs(
+    path: str | Path,
+    min_score: float | None = None,
+    limit: int | None = None,
+    task: str | None = None,
+) -> list[Example]:
+    """Every scored pair of an STS TSV, its score in ``Example.scores`` (``[score]``)."""
+    header, rows = _read_tsv(path, "STS file")
+    _require_columns(path, header, ("sentence1", "sentence2", "score"))
+    task = task or Path(path).stem
+    examples = []
+    for line, row in rows:
+        score = _number(row["score"], path, line, "score")
+        if min_score is None or score >= min_score:
+            examples.append(
+                Example(anchor=row["sentence1"], positive=row["sentence2"], scores=[score], task=task)
+            )
+        if limit is not None and len(examples) >= limit:
+            break
+    return _limited(examples, limit)
+
+
+def load_triplets_tsv(path: str | Path, limit: int | None = None, task: str | None = None) -> list[Example]:
+    """(anchor, positive, one hard negative) from a TSV ``anchor, positive, negative``."""
+    header, rows = _read_tsv(path, "triplets file")
+    _require_columns(path, header, ("anchor", "positive", "negative"))
+    task = task or Path(path).stem
+    examples = []
+    for _, row in rows:
+        examples.append(
+            Example(anchor=row["anchor"], positive=row["positive"], negatives=[row["negative"]], task=task)
+        )
+        if limit is not None and len(examples) >= limit:
+            break
+    return _limited(examples, limit)
+
+
+def load_beir_pairs(
+    folder: str | Path, split: str = "train", limit: int | None = None, task: str | None = None
+) -> list[Example]:
+    """One example per relevant (score > 0) qrel: the query and its document's
+    title + " " + text. Follows the qrels file's order."""
+    corpus, queries, qrels = load_beir(folder, split)
+    task = task or Path(folder).name
+    examples = []
+    for query_id, judged in qrels.items():
+        for doc_id, score in judged.items():
+            if score <= 0:
+                continue
+            if doc_id not in corpus:
+                raise InputError(
+                    f"qrels/{split}.tsv in {folder} names document {doc_id!r}, which is not in corpus.jsonl."
+                )
+            examples.append(Example(anchor=queries[query_id], positive=corpus[doc_id], task=task))
+            if limit is not None and len(examples) >= limit:
+                return examples
+    return _limited(examples, limit)
+
+
+def load_flagembedding_jsonl(
+    path: str | Path,
+    max_negatives: int | None = None,
+    limit: int | None = None,
+) -> list[Example]:
+    """FlagEmbedding's fine-tuning JSONL: a file, or a folder searched for ``*.jsonl``.
+
+    Each line has ``query``, ``pos`` (list) and ``neg`` (list), optionally
+    ``pos_scores``/``neg_scores`` (teacher scores), ``prompt`` (the query instruction)
+    and ``type``. One example per (query, positive) with the line's negatives (the first
+    ``max_negatives`` when set) and scores ``[pos_score, *neg_scores]`` when both are
+    given. The task is the file's name without ``.jsonl``. ``type`` and other fields
+    (``category``) are read but not kept: :class:`Example` has no place for them.
+    """
+    path = _existing(path, "FlagEmbedding data")
+    _check_limit(limit)
+    if max_negatives is not None and max_negatives < 0:
+        raise OptionError(f"max_negatives must be 0 or more, not {max_negatives}.")
+    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise ModelFileError(f"no .jsonl files under {path}; point the path at FlagEmbedding data.")
+    examples: list[Example] = []
+    for file in files:
+        for line, record in _read_jsonl(file):
+            examples.extend(_flagembedding_examples(record, file, line, max_negatives))
+            if limit is not None and len(examples) >= limit:
+                return examples[:limit]
+    return examples
+
+
+def _flagembedding_examples(
+    record: dict[str, Any], file: Path, line: int, max_negatives: int | None
+) -> list[Example]:
+    where = f"{file}, line {line}"
+    query = record.get("query")
+    positives = record.get("pos")
+    negatives = record.get("neg", [])
+    if not isinstance(query, str) or not isinstance(positives, list) or not isinstance(negatives, list):
+        raise InputError(f"{where}: needs 'query' (text), 'pos' (list of texts) and optionally 'neg' (list).")
+    if max_negatives is not None:
+        negatives = negatives[:max_negatives]
+    positive_scores = record.get("pos_scores")
+    negative_scores = record.get("neg_scores")
+    has_scores = positive_scores is not None and negative_scores is not None
+    if has_scores and (len(positive_scores) != len(positives) or len(negative_scores) < len(negatives)):
+        raise InputError(f"{where}: pos_scores/neg_scores must have one score per text in pos/neg.")
+    prompt = record.get("prompt") or None
+    examples = []
+    for i, positive in enumerate(positives):
+        scores = None
+        if has_scores:
+            scores = [float(positive_scores[i]), *(float(s) for s in negative_scores[: len(negatives)])]
+        examples.append(
+            Example(
+                anchor=query,
+                positive=positive,
+                negatives=list(negatives),
+                scores=scores,
+                task=file.stem,
+                prompt=prompt,
+            )
+        )
+    return examples
+
+
+# ---------------------------------------------------------------------------
+# evaluation data
+# ---------------------------------------------------------------------------
+
+
+def load_sts(path: str | Path) -> tuple[list[str], list[str], list[float]]:
+    """``(sentences1, sentences2, scores)`` from a TSV ``sentence1, sentence2, score``."""
+    header, rows = _read_tsv(path, "STS file")
+    _require_columns(path, header, ("sentence1", "sentence2", "score"))
+    first, second, scores = [], [], []
+    for line, row in rows:
+        first.append(row["sentence1"])
+        second.append(row["sentence2"])
+        scores.append(_number(row["score"], path, line, "score"))
+    return first, second, scores
+
+
+def load_beir(
+    folder: str | Path, split: str = "test"
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """A BEIR data set: ``(corpus, queries, qrels)``.
+
+    ``corpus`` maps document id to ``(title + " " + text).strip()``; ``queries`` holds only
+    the queries judged in ``split``; ``qrels`` maps query id to ``{doc id: score}`` with
+    every judgement of the split (zeros included), as BEIR's loader keeps them.
+    """
+    folder = _existing(folder, "BEIR folder")
+    qrels_path = _existing(folder / "qrels" / f"{split}.tsv", f"qrels of split '{split}'")
+    header, rows = _read_tsv(qrels_path, "qrels file")
+    _require_columns(qrels_path, header, ("query-id", "corpus-id", "score"))
+    qrels: dict[str, dict[str, int]] = {}
+    for line, row in rows:
+        score = _number(row["score"], qrels_path, line, "score")
+        qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(score)
+
+    corpus_path = _existing(folder / "corpus.jsonl", "BEIR corpus")
+    corpus = {}
+    for line, record in _read_jsonl(corpus_path):
+        if "_id" not in record:
+            raise InputError(f"{corpus_path}, line {line} has no '_id'.")
+        title = record.get("title") or ""
+        corpus[str(record["_id"])] = (title + " " + (record.get("text") or "")).strip()
+
+    queries_path = _existing(folder / "queries.jsonl", "BEIR queries")
+    all_queries = {str(r["_id"]): r.get("text", "") for _, r in _read_jsonl(queries_path) if "_id" in r}
+    missing = [qid for qid in qrels if qid not in all_queries]
+    if missing:
+        raise InputError(
+            f"qrels/{split}.tsv in {folder} judges {len(missing)} queries missing from "
+            f"queries.jsonl (first: {missing[0]!r})."
+        )
+    queries = {qid: all_queries[qid] for qid in qrels}
+    return corpus, queries, qrels
+
+
+# ---------------------------------------------------------------------------
+# dispatch by config
+# ---------------------------------------------------------------------------
+
+
+def _beir_loader(path: str, split: str = "train", limit: int | None = None, task: str | None = None) -> list[Example]:
+    return load_beir_pairs(path, split=split, limit=limit, task=task)
+
+
+_LOADERS: dict[str, Callable[..., list[Example]]] = {
+    "pairs": load_pairs_tsv,
+    "triplets": load_triplets_tsv,
+    "beir": _beir_loader,
+    "flagembedding": load_flagembedding_jsonl,
+    "sts": load_sts_pairs,
+}
+FORMATS = tuple(_LOADERS)
+
+
+def load_training_data(spec: Mapping[str, Any]) -> list[Example]:
+    """Training examples described by a data config such as
+    ``{"format": "beir", "path": ".../scifact", "split": "train", "limit": 200}``.
+
+    Keys besides ``format`` and ``path`` are the chosen loader's options:
+    ``pairs``/``sts``: ``min_score``, ``limit``, ``task``; ``triplets``: ``limit``,
+    ``task``; ``beir``: ``split``, ``limit``, ``task``; ``flagembedding``:
+    ``max_negatives``, ``limit``. A ``name`` key (the config's own name) is ignored.
+    """
+    import inspect
+
+    spec = dict(spec)
+    spec.pop("name", None)
+    data_format = spec.pop("format", None)
+    if data_format not in _LOADERS:
+        raise OptionError(
+            f"unknown data format {data_format!r}; data.format must be one of: {', '.join(FORMATS)}."
+        )
+    path = spec.pop("path", None)
+    if not path:
+        raise OptionError(f"data.path is not set; say where the {data_format} data is.")
+    loader = _LOADERS[data_format]
+    accepted = [name for name in inspect.signature(loader).parameters if name != "path" and name != "folder"]
+    options = {key: value for key, value in spec.items() if value is not None}
+    for key in options:
+        if key not in accepted:
+            raise OptionError(
+                f"data format '{data_format}' has no option '{key}'; its options are: {', '.join(accepted)}."
+            )
+    examples = loader(path, **options)
+    if not examples:
+        raise InputError(f"{path} gave no {data_format} training examples; check the file and its filters.")
+    return examples

@@ -1,0 +1,845 @@
+"""The training loop: batches from a sampler, a loss, AdamW, checkpoints that resume exactly.
+
+::
+
+    from embplex.training import TrainSettings, train
+    result = train(model, examples, loss, sampler, TrainSettings(batch_size=32, epochs=1), "runs/x")
+
+What makes resuming exact: the sampler is a pure function of ``(examples, batch_size,
+seed, epoch)``, and a checkpoint holds everything else that changes during training —
+the weights (``model.save``), the loss's own parameters, the optimizer and scheduler
+states, the Python / NumPy / torch random generators (dropout) and the position in the
+epoch. A run killed after checkpoint N and started again with the same configuration
+ends with the same weights, bit for bit, as a run that was never interrupted.
+
+Output folder::
+
+    checkpoints/step-N/model/              the model at step N (loadable with embplex.load)
+    checkpoints/step-N/training_state.pt   optimizer, scheduler, RNG, position (tensors only)
+    checkpoints/step-N/trainer_state.json  step, epoch and the run's config and its hash
+    metrics.csv  tensorboard/  loss.png  model/
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .components import Example, Features, Index, Loss, Sampler, TrainingBatch, TrainingContext
+from .errors import CheckpointMismatchError, InputError, ModelFileError, OptionError
+from .storage import atomic_directory, atomic_write_text, load_torch_state, read_json, write_json
+
+if TYPE_CHECKING:
+    from .model import EmbeddingModel
+    from .registry import Registry
+
+__all__ = [
+    "StepInfo",
+    "TrainResult",
+    "TrainSettings",
+    "Trainer",
+    "latest_checkpoint",
+    "make_training_batch",
+    "train",
+]
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.csv"
+METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed")
+
+
+# ---------------------------------------------------------------------------
+# settings and results
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    """How to train.
+
+    :param batch_size: examples per micro-batch (what the sampler groups).
+    :param epochs: passes over the data; ignored when ``max_steps`` is set.
+    :param max_steps: optimizer steps to run; sets the length of the schedule.
+    :param lr: peak learning rate of AdamW.
+    :param weight_decay: AdamW decay, not applied to biases and norm weights.
+    :param warmup_ratio: share of the steps with a linearly rising learning rate.
+    :param warmup_steps: the same as a step count; overrides ``warmup_ratio``.
+    :param grad_accumulation: micro-batches per optimizer step.
+    :param bf16: run forward passes under bfloat16 autocast.
+    :param seed: seeds Python, NumPy and torch, and the sampler's order.
+    :param max_grad_norm: clip the gradient norm to this; ``None`` or 0 turns it off.
+    :param checkpoint_every: write a checkpoint every this many steps (0: never).
+    :param keep_checkpoints: keep only the newest this many checkpoints (``None``: all).
+    :param log_every: write metrics every this many steps.
+    :param tensorboard: also write metrics for TensorBoard.
+    :param progress_bar: show a tqdm progress bar.
+    :param resume: continue from the newest checkpoint in the output folder; when off,
+        existing checkpoints there are deleted.
+    """
+
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    grad_accumulation: int = 1
+    bf16: bool = False
+    seed: int = 42
+    max_grad_norm: float | None = 1.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int | None = None
+    log_every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    resume: bool = True
+
+    # Settings that change how a run is recorded, not what it computes: resuming with a
+    # different value is fine, so they stay out of the config hash.
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = (
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "tensorboard",
+        "progress_bar",
+        "resume",
+    )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainSettings":
+        """Settings from a config section, rejecting unknown keys with a suggestion."""
+        accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+        for key in values:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise OptionError(f"training has no setting '{key}'.{hint} Settings: {', '.join(accepted)}.")
+        return cls(**values)
+
+    def check(self) -> None:
+        def positive(name: str, value: Any) -> None:
+            if not isinstance(value, int) or value < 1:
+                raise OptionError(f"training.{name} must be a whole number of at least 1, not {value!r}.")
+
+        positive("batch_size", self.batch_size)
+        positive("grad_accumulation", self.grad_accumulation)
+        positive("log_every", self.log_every)
+        if self.max_steps is not None:
+            positive("max_steps", self.max_steps)
+        else:
+            positive("epochs", self.epochs)
+        if not self.lr > 0:
+            raise OptionError(f"training.lr must be positive, not {self.lr!r}.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise OptionError(f"training.warmup_ratio must be between 0 and 1, not {self.warmup_ratio!r}.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise OptionError(f"training.warmup_steps must be 0 or more, not {self.warmup_steps!r}.")
+        if self.checkpoint_every < 0:
+            raise OptionError("training.checkpoint_every must be 0 (off) or a number of steps.")
+        if self.keep_checkpoints is not None:
+            positive("keep_checkpoints", self.keep_checkpoints)
+
+    def computational(self) -> dict[str, Any]:
+        """The settings that determine the trained weights (what the config hash covers)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.init and f.name not in self.BOOKKEEPING
+        }
+
+
+@dataclass
+class StepInfo:
+    """Handed to callbacks after every optimizer step (and after its checkpoint)."""
+
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    checkpoint: Path | None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    loss: float | None
+    model_path: Path
+    metrics_path: Path
+    plot_path: Path | None
+    resumed_from: Path | None
+
+
+@dataclass
+class _Progress:
+    """Where the run is: ``position`` micro-batches of epoch ``epoch`` are done."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    elapsed: float = 0.0
+    log_window: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# batches
+# ---------------------------------------------------------------------------
+
+
+def _pad_id(backbone: Any) -> int:
+    tokenizer = getattr(backbone, "tokenizer", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _merge_features(parts: list[Features], rows: list[list[int]], pad_id: int) -> Features:
+    """Features tokenized in groups stacked back into one batch in the original row order.
+
+    ``rows[g]`` lists the original positions of group ``g``'s texts.
+    """
+    width = max(part.input_ids.shape[1] for part in parts)
+    left = parts[0].padding_side == "left"
+
+    def pad(tensor: Tensor, value: int) -> Tensor:
+        missing = width - tensor.shape[1]
+        if missing == 0:
+            return tensor
+        filler = tensor.new_full((tensor.shape[0], missing), value)
+        return torch.cat([filler, tensor] if left else [tensor, filler], dim=1)
+
+    order = torch.tensor([position for group in rows for position in group])
+    restore = torch.argsort(order)
+
+    def stacked(value: int, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([pad(t, value) for t in tensors])[restore]
+
+    extra: dict[str, Any] = {}
+    for key, first in parts[0].extra.items():
+        values = [part.extra.get(key) for part in parts]
+        if isinstance(first, Tensor) and first.dim() == 2 and first.shape[0] == parts[0].input_ids.shape[0]:
+            extra[key] = stacked(0, values)
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            extra[key] = sum(values)
+        else:
+            extra[key] = first
+    instruction = None
+    if all(part.instruction_mask is not None for part in parts):
+        instruction = stacked(0, [p.instruction_mask for p in parts])
+    return Features(
+        input_ids=stacked(pad_id, [p.input_ids for p in parts]),
+        attention_mask=stacked(0, [p.attention_mask for p in parts]),
+        instruction_mask=instruction,
+        padding_side=parts[0].padding_side,
+        extra=extra,
+    )
+
+
+def tokenize_with_prompts(backbone: Any, texts: Sequence[str], prompts: Sequence[str | None]) -> Features:
+    """Tokenize texts that may carry different prompts (one tokenizer call per prompt)."""
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) == 1:
+        return backbone.tokenize(list(texts), prompt=distinct[0])
+    groups = [[i for i, p in enumerate(prompts) if p == prompt] for prompt in distinct]
+    parts = [backbone.tokenize([texts[i] for i in group], prompt=prompt) for group, prompt in zip(groups, distinct)]
+    return _merge_features(parts, groups, _pad_id(backbone))
+
+
+def make_training_batch(backbone: Any, examples: Sequence[Example]) -> TrainingBatch:
+    """Tokenize a batch per role.
+
+    Anchors get their example's ``prompt``. Every anchor keeps the same number of hard
+    negatives, the smallest count in the batch (the first ones of each example), flattened
+    anchor-major. ``scores`` (positive then negatives) is set when every example has them.
+    """
+    examples = list(examples)
+    if not examples:
+        raise InputError("cannot build a training batch from no examples.")
+    anchors = tokenize_with_prompts(backbone, [e.anchor for e in examples], [e.prompt for e in examples])
+    positives = backbone.tokenize([e.positive for e in examples])
+    per_anchor = min(len(e.negatives) for e in examples)
+    negatives = None
+    if per_anchor:
+        negatives = backbone.tokenize([text for e in examples for text in e.negatives[:per_anchor]])
+    scores = None
+    if all(e.scores is not None and len(e.scores) >= 1 + per_anchor for e in examples):
+        scores = torch.tensor([list(e.scores[: 1 + per_anchor]) for e in examples], dtype=torch.float32)
+    return TrainingBatch(
+        examples=examples,
+        anchors=anchors,
+        positives=positives,
+        negatives=negatives,
+        negatives_per_anchor=per_anchor,
+        scores=scores,
+    )
+
+
+def _batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
+    return dataclasses.replace(
+        batch,
+        anchors=batch.anchors.to(device),
+        positives=batch.positives.to(device),
+        negatives=batch.negatives.to(device) if batch.negatives is not None else None,
+        scores=batch.scores.to(device) if batch.scores is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# random state
+# ---------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _capture_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["key"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------
+# the run's identity
+# ---------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def describe_component(component: Any) -> dict[str, Any]:
+    """A component's class and the constructor options it kept as attributes."""
+    cls = type(component)
+    options = {}
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(component, name, None)
+        if _plain(value):
+            options[name] = value
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "options": options}
+
+
+def data_fingerprint(examples: Sequence[Example]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(dataclasses.astuple(example), ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _normalised(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, inner in value.items():
+            flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    old, new = _flatten(dict(saved)), _flatten(dict(current))
+    missing = object()
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, missing), new.get(key, missing)
+        if before != after:
+            show = lambda v: "(not set)" if v is missing else json.dumps(v)  # noqa: E731
+            lines.append(f"{key}: {show(before)} in the checkpoint, {show(after)} now")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    if not path.is_dir() or path.name.startswith(".") or not path.name.startswith("step-"):
+        return None
+    suffix = path.name[len("step-") :]
+    return int(suffix) if suffix.isdigit() else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints under ``output_dir/checkpoints``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(step, path) for path in root.iterdir() if (step := _checkpoint_step(path)) is not None]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+# ---------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs one training job; see :func:`train` for the parameters."""
+
+    def __init__(
+        self,
+        model: "EmbeddingModel",
+        examples: Sequence[Example],
+        loss: Loss,
+        sampler: Sampler,
+        settings: TrainSettings,
+        output_dir: str | Path,
+        make_index: Callable[[int], Index] | None = None,
+        registry: "Registry | None" = None,
+        run_config: Mapping[str, Any] | None = None,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    ) -> None:
+        settings.check()
+        self.examples = list(examples)
+        if not self.examples:
+            raise InputError("no training examples; check the data config.")
+        self.model = model
+        self.loss = loss
+        self.sampler = sampler
+        self.settings = settings
+        self.output_dir = Path(output_dir)
+        self.make_index = make_index
+        self.registry = registry
+        self.callbacks = list(callbacks)
+        self.device = model.device
+        self.config = _normalised(
+            {
+                "model": {
+                    "components": {
+                        kind: {"name": spec.get("name"), "options": spec.get("options", {})}
+                        for kind, spec in model.specs.items()
+                    },
+                    "normalize": model.normalize,
+                },
+                "loss": describe_component(loss),
+                "sampler": describe_component(sampler),
+                "settings": settings.computational(),
+                "data": {"examples": len(self.examples), "sha256": data_fingerprint(self.examples)},
+                **({"run": dict(run_config)} if run_config else {}),
+            }
+        )
+        self.config_hash = config_hash(self.config)
+        self.batches_per_epoch = max(1, sampler.num_batches(self.examples, settings.batch_size))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accumulation)
+        self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
+        warmup = settings.warmup_steps
+        self.warmup_steps = warmup if warmup is not None else math.ceil(settings.warmup_ratio * self.total_steps)
+
+    # -- optimisation --------------------------------------------------------------
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        seen: set[int] = set()
+        unique = []
+        for module in (self.model, self.loss):
+            for parameter in module.parameters():
+                if parameter.requires_grad and id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    unique.append(parameter)
+        return unique
+
+    def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        # Biases and norm weights (1-D) are not decayed, as in BERT and HF's Trainer.
+        decayed = [p for p in parameters if p.dim() >= 2]
+        kept = [p for p in parameters if p.dim() < 2]
+        groups = [
+            {"params": decayed, "weight_decay": self.settings.weight_decay},
+            {"params": kept, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.settings.lr)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        warmup, total = self.warmup_steps, self.total_steps
+
+        def factor(step: int) -> float:  # linear warmup, then linear decay to 0 (as HF's)
+            if step < warmup:
+                return step / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def _save_checkpoint(self, progress: _Progress, optimizer: Any, scheduler: Any) -> Path:
+        import embplex
+
+        path = self.output_dir / CHECKPOINTS / f"step-{progress.step}"
+        with atomic_directory(path) as staging:
+            self.model.save(staging / "model")
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "loss": self.loss.state_dict(),
+                "rng": _capture_rng(),
+                "progress": {
+                    "step": progress.step,
+                    "epoch": progress.epoch,
+                    "position": progress.position,
+                    "elapsed": progress.elapsed,
+                    "log_window": torch.tensor(progress.log_window, dtype=torch.float64),
+                },
+            }
+            torch.save(state, staging / STATE_FILE)
+            write_json(
+                staging / TRAINER_STATE_FILE,
+                {
+                    "step": progress.step,
+                    "epoch": progress.epoch,
+                    "position": progress.position,
+                    "total_steps": self.total_steps,
+                    "config_hash": self.config_hash,
+                    "config": self.config,
+                    "embplex_version": embplex.__version__,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
+        keep = self.settings.keep_checkpoints
+        if keep is not None:
+            for old in list_checkpoints(self.output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def check_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
+        """The checkpoint's trainer state, or an error when another config wrote it."""
+        saved = read_json(checkpoint / TRAINER_STATE_FILE, "trainer state")
+        if not isinstance(saved, dict) or "config_hash" not in saved:
+            raise ModelFileError(
+                f"{checkpoint / TRAINER_STATE_FILE} is not a trainer state; delete {checkpoint} to "
+                "resume from an earlier checkpoint."
+            )
+        if saved["config_hash"] != self.config_hash:
+            differences = describe_differences(saved.get("config", {}), self.config)
+            detail = "; ".join(differences) if differences else "the config hashes differ"
+            raise CheckpointMismatchError(
+                f"{checkpoint} was written by a run with another configuration ({detail}). "
+                "Use the same configuration to resume, or another output folder (or resume=False) "
+                "to start over."
+            )
+        return saved
+
+    def _restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> _Progress:
+        from .model import EmbeddingModel
+
+        self.check_checkpoint(checkpoint)
+        state = load_torch_state(checkpoint / STATE_FILE)
+        required = ("optimizer", "scheduler", "loss", "rng", "progress")
+        if not isinstance(state, dict) or any(key not in state for key in required):
+            raise ModelFileError(
+                f"{checkpoint / STATE_FILE} is incomplete; delete {checkpoint} to resume from an "
+                "earlier checkpoint."
+            )
+        saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry)
+        try:
+            self.model.load_state_dict(saved_model.state_dict(), strict=True)
+            self.loss.load_state_dict(state["loss"], strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointMismatchError(
+                f"{checkpoint} does not fit this model, loss or optimizer ({exc}); resume with the "
+                "configuration that wrote it."
+            ) from exc
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"])
+        saved = state["progress"]
+        return _Progress(
+            step=int(saved["step"]),
+            epoch=int(saved["epoch"]),
+            position=int(saved["position"]),
+            elapsed=float(saved["elapsed"]),
+            log_window=[float(v) for v in saved["log_window"].tolist()],
+        )
+
+    def _prepare_output(self) -> Path | None:
+        """Clean staging leftovers and pick the checkpoint to resume from, if any."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        root = self.output_dir / CHECKPOINTS
+        if root.is_dir():
+            for leftover in root.glob(".step-*"):  # a write that was interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is not None and not self.settings.resume:
+            warnings.warn(
+                f"resume is off: deleting the existing checkpoints in {root} and starting over.",
+                UserWarning,
+                stacklevel=3,
+            )
+            shutil.rmtree(root)
+            return None
+        return checkpoint
+
+    # -- metrics -------------------------------------------------------------------
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / METRICS_FILE
+
+    def _start_metrics(self, up_to_step: int) -> None:
+        """A fresh metrics file, or on resume the old one without rows past the checkpoint."""
+        rows: list[dict[str, str]] = []
+        if up_to_step and self.metrics_path.exists():
+            with self.metrics_path.open(newline="", encoding="utf-8") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
+        lines = [",".join(METRICS_COLUMNS)]
+        lines += [",".join(row[c] for c in METRICS_COLUMNS) for row in rows]
+        atomic_write_text(self.metrics_path, "\n".join(lines) + "\n")
+
+    def _log(self, writer: Any, step: int, epoch: int, loss: float, lr: float, elapsed: float) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(f"{step},{epoch},{loss!r},{lr!r},{elapsed:.3f}\n")
+        if writer is not None:
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/epoch", epoch, step)
+
+    def _plot(self) -> Path | None:
+        from matplotlib.figure import Figure
+
+        with self.metrics_path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            return None
+        figure = Figure(figsize=(6, 4))
+        axes = figure.add_subplot()
+        axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker="." if len(rows) < 50 else None)
+        axes.set_xlabel("step")
+        axes.set_ylabel("training loss")
+        axes.set_title("Training loss")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        path = self.output_dir / "loss.png"
+        figure.savefig(path, dpi=100)
+        return path
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        settings = self.settings
+        checkpoint = self._prepare_output()
+        seed_everything(settings.seed)
+        parameters = self._parameters()
+        optimizer = self._optimizer(parameters)
+        scheduler = self._schedule(optimizer)
+        progress = _Progress()
+        if checkpoint is not None:
+            progress = self._restore(checkpoint, optimizer, scheduler)
+        self._start_metrics(progress.step)
+        writer = None
+        if settings.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run logged after its last checkpoint
+            writer = SummaryWriter(
+                str(self.output_dir / "tensorboard"), purge_step=progress.step + 1 if progress.step else None
+            )
+
+        context = TrainingContext(model=self.model, make_index=self.make_index, step=progress.step)
+        autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=progress.step,
+            desc="Training",
+            unit="step",
+            disable=not settings.progress_bar,
+        )
+        started = time.monotonic() - progress.elapsed
+        last_loss: float | None = None
+        micro_losses: list[float] = []
+
+        def optimizer_step(epoch_of_batch: int) -> None:
+            nonlocal last_loss
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            context.step = progress.step
+            progress.elapsed = time.monotonic() - started
+            last_loss = float(np.mean(micro_losses))
+            micro_losses.clear()
+            progress.log_window.append(last_loss)
+            if progress.step % settings.log_every == 0 or progress.step == self.total_steps:
+                mean_loss = float(np.mean(progress.log_window))
+                self._log(writer, progress.step, epoch_of_batch, mean_loss, lr, progress.elapsed)
+                progress.log_window.clear()
+            saved = None
+            if settings.checkpoint_every and progress.step % settings.checkpoint_every == 0:
+                saved = self._save_checkpoint(progress, optimizer, scheduler)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+            info = StepInfo(progress.step, epoch_of_batch, last_loss, lr, saved)
+            for callback in self.callbacks:
+                callback(info)
+
+        self.model.train()
+        self.loss.train()
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            while progress.step < self.total_steps:
+                epoch = progress.epoch
+                produced = 0
+                pending = 0
+                batches = self.sampler.batches(
+                    self.examples, settings.batch_size, settings.seed, epoch, context
+                )
+                for position, indices in enumerate(batches):
+                    produced += 1
+                    if position < progress.position:
+                        continue  # done before the checkpoint we resumed from
+                    batch = make_training_batch(self.model.backbone, [self.examples[i] for i in indices])
+                    batch = _batch_to(batch, self.device)
+                    with autocast:
+                        value = self.loss(self.model, batch)
+                    (value / settings.grad_accumulation).backward()
+                    micro_losses.append(float(value.detach()))
+                    pending += 1
+                    progress.position = position + 1
+                    if pending == settings.grad_accumulation:
+                        pending = 0
+                        optimizer_step(epoch)
+                        if progress.step >= self.total_steps:
+                            break
+                else:
+                    if produced == 0:
+                        raise InputError(
+                            f"the sampler produced no batches in epoch {epoch} (batch_size "
+                            f"{settings.batch_size}, {len(self.examples)} examples); use a smaller "
+                            "batch_size or turn drop_last off."
+                        )
+                    progress.epoch, progress.position = epoch + 1, 0
+                    if pending:
+                        # a short final accumulation: rescale to the mean over what was seen
+                        for parameter in parameters:
+                            if parameter.grad is not None:
+                                parameter.grad.mul_(settings.grad_accumulation / pending)
+                        optimizer_step(epoch)
+                    if settings.max_steps is None and progress.epoch >= settings.epochs:
+                        break
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+        model_path = self.output_dir / "model"
+        self.model.save(model_path)
+        return TrainResult(
+            step=progress.step,
+            epoch=progress.epoch,
+            loss=last_loss,
+            model_path=model_path,
+            metrics_path=self.metrics_path,
+            plot_path=self._plot(),
+            resumed_from=checkpoint,
+        )
+
+
+def train(
+    model: "EmbeddingModel",
+    examples: Sequence[Example],
+    loss: Loss,
+    sampler: Sampler,
+    settings: TrainSettings | None = None,
+    output_dir: str | Path = "runs/train",
+    make_index: Callable[[int], Index] | None = None,
+    registry: "Registry | None" = None,
+    run_config: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+) -> TrainResult:
+    """Train ``model`` on ``examples`` and save it to ``output_dir/model``.
+
+    :param loss: called as ``loss(model, batch)``; its parameters are trained too.
+    :param sampler: groups examples into batches; gets a :class:`TrainingContext`.
+    :param make_index: builds an empty index for a dimension, for mining samplers.
+    :param registry: resolves the plugins of a checkpoint's model when resuming.
+    :param run_config: anything else that defines the run (e.g. the CLI's data config);
+        it joins the config hash that a resumed run must match.
+    :param callbacks: called with a :class:`StepInfo` after every optimizer step.
+    :raises CheckpointMismatchError: the checkpoint to resume from has another config.
+    :raises ModelFileError: the checkpoint to resume from is corrupt.
+    """
+    return Trainer(
+        model,
+        examples,
+        loss,
+        sampler,
+        settings or TrainSettings(),
+        output_dir,
+        make_index=make_index,
+        registry=registry,
+        run_config=run_config,
+        callbacks=callbacks,
+    ).run()

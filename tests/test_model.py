@@ -1,0 +1,233 @@
+"""The composed model: encode, elastic depth, prompts, save/load, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import embplex
+from embplex.errors import (
+    InputError,
+    MissingPluginError,
+    ModelFileError,
+    OptionError,
+    UnknownComponentError,
+)
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Short.",
+    "Embeddings map text to vectors so that similar meanings lie close together.",
+]
+
+
+def test_encode_returns_one_normalised_row_per_text_in_input_order(tiny_model):
+    batched = tiny_model.encode(TEXTS, batch_size=3)
+    one_by_one = np.stack([tiny_model.encode(text) for text in TEXTS])
+    assert batched.shape == (len(TEXTS), tiny_model.dim)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    # length-sorted batching must give back the caller's order
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_encode_can_return_torch_and_skip_normalisation(tiny_model):
+    raw = tiny_model.encode(TEXTS, normalize=False, convert_to="torch")
+    assert isinstance(raw, torch.Tensor)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(len(TEXTS)))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([], "no texts"),
+        (None, "not NoneType"),
+        (["fine", None], "text 1 is NoneType"),
+        (["fine", 3], "text 1 is int"),
+        (["fine", "   "], "text 1 is empty"),
+        ({"a": 1}, "not dict"),
+    ],
+)
+def test_bad_texts_are_refused_with_the_position(tiny_model, bad, message):
+    with pytest.raises(InputError, match=message):
+        tiny_model.encode(bad)
+
+
+def test_too_long_texts_are_truncated_with_a_warning_or_refused(tiny_model):
+    long_text = "word " * 500
+    with pytest.warns(UserWarning, match="truncated"):
+        vector = tiny_model.encode([long_text])
+    assert vector.shape == (1, tiny_model.dim)
+    with pytest.raises(InputError, match="exceed the model's maximum"):
+        tiny_model.encode([long_text], truncation="error")
+
+
+def test_unknown_plugin_name_lists_the_available_ones(registry):
+    with pytest.raises(UnknownComponentError, match="Available pooling plugins: .*mean"):
+        registry.create("pooling", "meen")
+    with pytest.raises(UnknownComponentError, match="Did you mean 'mean'"):
+        registry.create("pooling", "meen")
+
+
+def test_mistyped_option_is_refused_with_a_suggestion(registry, tiny_bert_path):
+    with pytest.raises(OptionError, match="Did you mean 'exclude_instruction'"):
+        embplex.compose(
+            {"name": "hf_encoder", "path": tiny_bert_path},
+            pooling={"name": "mean", "exclude_instructions": True},
+            registry=registry,
+        )
+
+
+def test_layer_k_equals_a_model_cut_to_k_layers(tiny_bert_path, tiny_model):
+    cut = embplex.compose({"name": "hf_encoder", "path": tiny_bert_path, "num_layers": 2}, pooling="mean")
+    assert cut.backbone.num_layers == 2
+    np.testing.assert_allclose(tiny_model.encode(TEXTS, layer=2), cut.encode(TEXTS), atol=1e-6)
+    features = tiny_model.backbone.tokenize(TEXTS)
+    with torch.no_grad():
+        full = tiny_model.backbone(features)
+        short = cut.backbone(features)
+    torch.testing.assert_close(short.hidden_states[-1], full.hidden_states[2])
+    assert not torch.allclose(full.hidden_states[3], full.hidden_states[2])
+
+
+def test_embed_several_layers_in_one_pass_matches_separate_passes(tiny_model):
+    features = tiny_model.backbone.tokenize(TEXTS)
+    with torch.no_grad():
+        both = tiny_model.embed(features, layers=[1, None])
+        only_first = tiny_model.embed(features, layers=[1])
+    torch.testing.assert_close(both[1], only_first[1])
+    torch.testing.assert_close(both[None], tiny_model(features))
+
+
+def test_prompt_tokens_are_flagged_as_instruction(tiny_model):
+    features = tiny_model.backbone.tokenize(["a b c", "d"], prompt="query: ")
+    prompt_len = len(tiny_model.backbone.tokenizer("query: ", add_special_tokens=False)["input_ids"])
+    flagged = features.instruction_mask.sum(dim=1).tolist()
+    assert flagged == [prompt_len, prompt_len]
+    # [CLS] comes first and is not part of the instruction
+    assert features.instruction_mask[:, 0].sum() == 0
+    with_prompt = tiny_model.encode(["a b c"], prompt="query: ")
+    assert not np.allclose(with_prompt, tiny_model.encode(["query: a b c"]))
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    loaded = embplex.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.encode(TEXTS), tiny_model.encode(TEXTS), atol=1e-6)
+    config = json.loads((tmp_path / "m" / "embplex.json").read_text())
+    assert config["components"]["pooling"]["name"] == "mean"
+    assert config["components"]["backbone"]["distribution"] == "embplex"
+    assert config["components"]["backbone"]["version"] == embplex.__version__
+
+
+def test_standard_model_loads_in_sentence_transformers(tiny_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    tiny_model.save(tmp_path / "m")
+    theirs = SentenceTransformer(str(tmp_path / "m"), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(theirs, tiny_model.encode(TEXTS), atol=1e-5)
+
+
+def test_save_is_atomic_and_keeps_the_previous_model(tiny_model, tmp_path, monkeypatch):
+    target = tmp_path / "m"
+    tiny_model.save(target)
+    before = sorted(p.name for p in target.iterdir())
+
+    def broken(directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tiny_model.pooling, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_model.save(target)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left behind
+    embplex.load(target)
+
+
+def test_missing_model_folder_is_reported(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        embplex.load(tmp_path / "nowhere")
+
+
+def test_corrupt_config_is_reported(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    (tmp_path / "m" / "embplex.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="corrupt"):
+        embplex.load(tmp_path / "m")
+
+
+def test_corrupt_weights_are_reported(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelFileError):
+        embplex.load(tmp_path / "m")
+
+
+def test_missing_plugin_names_the_distribution_to_install(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    path = tmp_path / "m" / "embplex.json"
+    config = json.loads(path.read_text())
+    config["components"]["pooling"].update(name="fancy", distribution="embplex-fancy", version="1.2.3")
+    path.write_text(json.dumps(config))
+    with pytest.raises(MissingPluginError, match=r"pip install 'embplex-fancy==1.2.3'"):
+        embplex.load(tmp_path / "m")
+
+
+class Sharpen(embplex.Attention):
+    """Softmax temperature 0.05 inside attention, to exercise the score hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def scores(self, scores, layer):
+        return scores / 0.05
+
+    def probs(self, probs, layer):
+        self.seen.append(probs.detach())
+        return probs
+
+
+def test_attention_score_hooks_reach_every_layer(tiny_model):
+    features = tiny_model.backbone.tokenize(TEXTS)
+    policy = Sharpen()
+    with torch.no_grad():
+        baseline = tiny_model(features).numpy()
+        tiny_model.attention = policy
+        try:
+            sharpened = tiny_model(features).numpy()
+        finally:
+            tiny_model.attention = None
+    assert len(policy.seen) == tiny_model.backbone.num_layers
+    probs = policy.seen[0]
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    padding = ~features.attention_mask.bool()
+    # no probability mass on padding keys, for every real query
+    real_queries = features.attention_mask.bool()[:, None, :, None]
+    leaked = probs.masked_fill(~real_queries, 0) * padding[:, None, None, :]
+    assert leaked.abs().max() == 0
+    assert np.abs(baseline - sharpened).max() > 1e-2
+
+
+def test_identity_attention_policy_equals_the_native_path(tiny_model):
+    class Identity(embplex.Attention):
+        def scores(self, scores, layer):
+            return scores
+
+    native = tiny_model.encode(TEXTS)
+    for policy in (embplex.Attention(), Identity()):
+        tiny_model.attention = policy
+        try:
+            np.testing.assert_allclose(tiny_model.encode(TEXTS), native, atol=1e-5)
+        finally:
+            tiny_model.attention = None
+
+
+def test_missing_backbone_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        embplex.compose({"name": "hf_encoder", "path": str(tmp_path / "absent")})
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,282 @@
+"""The training loop on a tiny random BERT: learning, schedule, outputs, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+import embplex
+from embplex.components import Example
+from embplex.errors import CheckpointMismatchError, ModelFileError, OptionError
+from embplex.training import (
+    TrainSettings,
+    latest_checkpoint,
+    list_checkpoints,
+    make_training_batch,
+    tokenize_with_prompts,
+    train,
+)
+
+WORDS = (
+    "a the cat dog sits runs on mat rug park kitten puppy plays sleeps in garden house "
+    "car road drives fast slow red blue big small man woman child reads book eats food"
+).split()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT with a word-level vocabulary, saved to disk."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocabulary = {token: i for i, token in enumerate(specials + WORDS)}
+    tokenizer = BertTokenizerFast(vocab=vocabulary, do_lower_case=True)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(specials) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _model(path: str):
+    return embplex.compose({"name": "hf_encoder", "path": path}, pooling="mean")
+
+
+def _examples(count: int = 12, negatives: bool = True) -> list[Example]:
+    import random
+
+    rng = random.Random(0)
+    sentence = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 7)))  # noqa: E731
+    return [
+        Example(anchor=sentence(), positive=sentence(), negatives=[sentence()] if negatives else [])
+        for _ in range(count)
+    ]
+
+
+def _settings(**overrides) -> TrainSettings:
+    values = dict(
+        batch_size=4, epochs=2, lr=1e-3, warmup_ratio=0.2, log_every=1, progress_bar=False, seed=7
+    )
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def _run(path, examples, output, registry, settings, callbacks=(), sampler="random"):
+    return train(
+        _model(path),
+        examples,
+        registry.create("loss", "infonce"),
+        registry.create("sampler", sampler),
+        settings,
+        output,
+        registry=registry,
+        callbacks=callbacks,
+    )
+
+
+def _metrics(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+class Killed(Exception):
+    """Stands in for the process dying."""
+
+
+def _kill_at(step: int):
+    def callback(info):
+        if info.step == step:
+            raise Killed
+
+    return callback
+
+
+# -- batches -------------------------------------------------------------------------
+
+
+def test_training_batch_layout(tiny_bert):
+    model = _model(tiny_bert)
+    examples = [
+        Example("cat sits", "kitten sits", ["car drives", "road", "red"], scores=[0.9, 0.1, 0.2, 0.3]),
+        Example("dog runs", "puppy plays", ["book", "food"], scores=[0.8, 0.3, 0.1]),
+    ]
+    batch = make_training_batch(model.backbone, examples)
+    assert batch.negatives_per_anchor == 2  # the smallest count in the batch
+    expected = model.backbone.tokenize(["car drives", "road", "book", "food"])  # anchor-major
+    assert torch.equal(batch.negatives.input_ids, expected.input_ids)
+    assert torch.equal(batch.scores, torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.3, 0.1]]))
+    no_negatives = make_training_batch(model.backbone, [Example("a", "b"), Example("c", "d", ["e"])])
+    assert no_negatives.negatives is None and no_negatives.negatives_per_anchor == 0
+    assert no_negatives.scores is None
+
+
+def test_anchors_with_different_prompts_embed_as_if_alone(tiny_bert):
+    model = _model(tiny_bert).eval()
+    texts = ["cat sits on mat", "dog", "the man reads a big book"]
+    prompts = ["a red car", None, "a red car"]
+    merged = tokenize_with_prompts(model.backbone, texts, prompts)
+    assert merged.input_ids.shape[0] == 3
+    with torch.no_grad():
+        together = model(merged)
+        for row, (text, prompt) in enumerate(zip(texts, prompts)):
+            alone = model(model.backbone.tokenize([text], prompt=prompt))
+            torch.testing.assert_close(together[row], alone[0], rtol=1e-5, atol=1e-5)
+    assert merged.instruction_mask[0].sum() == 3 and merged.instruction_mask[1].sum() == 0
+
+
+# -- the loop ------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(tiny_bert, registry, tmp_path):
+    examples = _examples(8, negatives=False)
+    before = _model(tiny_bert)
+    result = _run(tiny_bert, examples, tmp_path, registry, _settings(epochs=15, batch_size=8, warmup_ratio=0.0, lr=5e-3))
+    rows = _metrics(result.metrics_path)
+    assert [int(r["step"]) for r in rows] == list(range(1, 16))
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < 0.2 * losses[0], losses
+
+    trained = embplex.load(result.model_path, registry=registry)
+    assert result.step == 15 and result.loss == pytest.approx(losses[-1])
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), before.state_dict().values())
+    )
+    assert changed
+    assert result.plot_path.exists() and result.plot_path.stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_learning_rate_warms_up_then_decays_linearly(tiny_bert, registry, tmp_path):
+    # 12 examples, batch 4: 3 steps per epoch, 4 epochs = 12 steps, 3 warmup steps
+    result = _run(tiny_bert, _examples(), tmp_path, registry, _settings(epochs=4, warmup_ratio=0.25, lr=1e-3))
+    lrs = [float(r["lr"]) for r in _metrics(result.metrics_path)]
+    expected = [1e-3 * s / 3 for s in range(3)] + [1e-3 * (12 - s) / 9 for s in range(3, 12)]
+    assert lrs == pytest.approx(expected)
+    assert [int(r["epoch"]) for r in _metrics(result.metrics_path)] == [e for e in range(4) for _ in range(3)]
+
+
+def test_max_steps_sets_the_run_length(tiny_bert, registry, tmp_path):
+    result = _run(tiny_bert, _examples(), tmp_path, registry, _settings(max_steps=5, epochs=1))
+    assert result.step == 5 and result.epoch == 1  # ran into a second epoch
+    assert len(_metrics(result.metrics_path)) == 5
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_bert, registry, tmp_path):
+    # 3 micro-batches per epoch with accumulation 2: steps after batch 2 and after the short tail
+    result = _run(tiny_bert, _examples(), tmp_path, registry, _settings(epochs=2, grad_accumulation=2))
+    assert result.step == 4
+    assert [int(r["epoch"]) for r in _metrics(result.metrics_path)] == [0, 0, 1, 1]
+
+
+def test_bf16_autocast_trains(tiny_bert, registry, tmp_path):
+    result = _run(tiny_bert, _examples(), tmp_path, registry, _settings(max_steps=2, bf16=True))
+    assert result.step == 2 and math.isfinite(result.loss)
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(OptionError, match="Did you mean 'batch_size'"):
+        TrainSettings.from_dict({"batchsize": 8})
+    with pytest.raises(OptionError, match="grad_accumulation"):
+        TrainSettings(grad_accumulation=0).check()
+
+
+# -- checkpoints and exact resume -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sampler, accumulation, kill_at",
+    [
+        ("random", 1, 5),  # checkpoint at step 4: mid-way through the second epoch
+        ("no_duplicates", 2, 3),  # checkpoint at step 2: the end of the first epoch
+    ],
+)
+def test_resumed_run_ends_with_the_same_weights(tiny_bert, registry, tmp_path, sampler, accumulation, kill_at):
+    examples = _examples()
+    settings = _settings(epochs=3, checkpoint_every=2, grad_accumulation=accumulation)
+
+    straight = _run(tiny_bert, examples, tmp_path / "straight", registry, settings, sampler=sampler)
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Killed):
+        _run(tiny_bert, examples, interrupted, registry, settings, [_kill_at(kill_at)], sampler=sampler)
+    checkpoint = latest_checkpoint(interrupted)
+    assert checkpoint is not None and checkpoint.name == f"step-{kill_at - 1}"
+    assert not (interrupted / "model").exists()
+
+    resumed = _run(tiny_bert, examples, interrupted, registry, settings, sampler=sampler)
+    assert resumed.resumed_from == checkpoint and resumed.step == straight.step
+
+    expected = embplex.load(straight.model_path, registry=registry).state_dict()
+    actual = embplex.load(resumed.model_path, registry=registry).state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    # the metrics were trimmed back to the checkpoint and continue identically
+    assert _metrics(resumed.metrics_path) == [
+        {**row, "elapsed": other["elapsed"]}
+        for row, other in zip(_metrics(straight.metrics_path), _metrics(resumed.metrics_path))
+    ]
+    assert len(_metrics(resumed.metrics_path)) == straight.step
+
+
+def test_without_rng_state_dropout_would_differ(tiny_bert):
+    """The resume test is meaningful: dropout draws depend on the random state."""
+    model = _model(tiny_bert).train()
+    features = model.backbone.tokenize(["the cat sits on the mat"])
+    torch.manual_seed(1)
+    first = model(features)
+    second = model(features)
+    assert not torch.equal(first, second)
+
+
+def test_checkpoint_layout_and_loadable_model(tiny_bert, registry, tmp_path):
+    settings = _settings(max_steps=4, checkpoint_every=2, keep_checkpoints=1)
+    _run(tiny_bert, _examples(), tmp_path, registry, settings)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-4"]
+    checkpoint = tmp_path / "checkpoints" / "step-4"
+    assert {p.name for p in checkpoint.iterdir()} == {"model", "training_state.pt", "trainer_state.json"}
+    state = embplex.storage.read_json(checkpoint / "trainer_state.json", "trainer state")
+    assert state["step"] == 4 and len(state["config_hash"]) == 64
+    assert state["config"]["settings"]["lr"] == 1e-3 and "resume" not in state["config"]["settings"]
+    # tensors and plain containers only: loads with weights_only=True
+    assert embplex.storage.load_torch_state(checkpoint / "training_state.pt")["progress"]["step"] == 4
+    embplex.load(checkpoint / "model", registry=registry)
+
+
+def test_resuming_with_another_config_says_what_differs(tiny_bert, registry, tmp_path):
+    examples = _examples()
+    _run(tiny_bert, examples, tmp_path, registry, _settings(max_steps=2, checkpoint_every=2))
+    with pytest.raises(CheckpointMismatchError, match=r"settings\.lr: 0\.001 in the checkpoint, 0\.002 now"):
+        _run(tiny_bert, examples, tmp_path, registry, _settings(max_steps=2, checkpoint_every=2, lr=2e-3))
+    with pytest.raises(CheckpointMismatchError, match=r"data\.examples"):
+        _run(tiny_bert, examples[:8], tmp_path, registry, _settings(max_steps=2, checkpoint_every=2))
+    # bookkeeping settings may change between runs
+    _run(tiny_bert, examples, tmp_path, registry, _settings(max_steps=2, checkpoint_every=1, log_every=5))
+
+
+def test_resume_off_starts_over(tiny_bert, registry, tmp_path):
+    examples = _examples()
+    _run(tiny_bert, examples, tmp_path, registry, _settings(max_steps=2, checkpoint_every=2))
+    with pytest.warns(UserWarning, match="deleting the existing checkpoints"):
+        result = _run(tiny_bert, examples, tmp_path, registry, _settings(max_steps=2, lr=2e-3, resume=False))
+    assert result.resumed_from is None and latest_checkpoint(tmp_path) is None
+
+
+def test_corrupt_checkpoint_is_reported(tiny_bert, registry, tmp_path):
+    examples = _examples()
+    settings = _settings(max_steps=2, checkpoint_every=2)
+    _run(tiny_bert, examples, tmp_path, registry, settings)
+    (tmp_path / "checkpoints" / "step-2" / "training_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFileError, match="training_state.pt is corrupt"):
+        _run(tiny_bert, examples, tmp_path, registry, settings)
