@@ -234,3 +234,26 @@ def test_evaluate_sts_on_the_real_model(minilm):
     s2 = ["A man plays the guitar.", "Someone is cutting an onion.", "A stock market crash.", "The sky is blue."]
     results = evaluate_sts(minilm, s1, s2, [5.0, 4.5, 0.0, 0.2], bootstrap=100)
     assert results["spearman"] > 50
+
+
+def test_file_wrappers_read_with_embplex_data(tmp_path):
+    model, corpus, queries, qrels = toy_retrieval()
+    folder = tmp_path / "toy-beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d, "title": "", "text": text}) + "\n" for d, text in corpus.items())
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": text}) + "\n" for q, text in queries.items())
+    )
+    rows = [f"{q}\t{d}\t{s}" for q, judged in qrels.items() for d, s in judged.items()]
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
+    from_files = evaluation.evaluate_beir(model, folder, lambda dim: ExactIndex(dim=dim), bootstrap=10)
+    in_memory = evaluate_retrieval(model, corpus, queries, qrels, lambda dim: ExactIndex(dim=dim), bootstrap=10)
+    assert from_files["ndcg@10"] == pytest.approx(in_memory["ndcg@10"])
+    assert from_files["split"] == "test"
+
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\ndoc0\tdoc1\t4.0\ndoc0\tdoc3\t1.0\ndoc0\tdoc2\t2.5\n")
+    results = evaluation.evaluate_sts_file(model, sts, bootstrap=10)
+    assert results["spearman"] == pytest.approx(100.0) and results["pairs"] == 3

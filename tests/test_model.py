@@ -178,14 +178,15 @@ def test_missing_plugin_names_the_distribution_to_install(tiny_model, tmp_path):
 
 
 class Sharpen(embplex.Attention):
-    """Softmax temperature 0.05 inside attention, to exercise the score hook."""
+    """A softmax temperature inside attention, to exercise the score hook."""
 
-    def __init__(self):
+    def __init__(self, temperature=0.05):
         super().__init__()
+        self.temperature = temperature
         self.seen = []
 
     def scores(self, scores, layer):
-        return scores / 0.05
+        return scores / self.temperature
 
     def probs(self, probs, layer):
         self.seen.append(probs.detach())
@@ -194,14 +195,16 @@ class Sharpen(embplex.Attention):
 
 def test_attention_score_hooks_reach_every_layer(tiny_model):
     features = tiny_model.backbone.tokenize(TEXTS)
-    policy = Sharpen()
+    policy, neutral = Sharpen(0.05), Sharpen(1.0)
     with torch.no_grad():
-        baseline = tiny_model(features).numpy()
-        tiny_model.attention = policy
-        try:
-            sharpened = tiny_model(features).numpy()
-        finally:
-            tiny_model.attention = None
+        outputs = []
+        for attention in (neutral, policy):
+            tiny_model.attention = attention
+            try:
+                outputs.append(tiny_model(features).numpy())
+            finally:
+                tiny_model.attention = None
+    baseline, sharpened = outputs
     assert len(policy.seen) == tiny_model.backbone.num_layers
     probs = policy.seen[0]
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
@@ -210,7 +213,13 @@ def test_attention_score_hooks_reach_every_layer(tiny_model):
     real_queries = features.attention_mask.bool()[:, None, :, None]
     leaked = probs.masked_fill(~real_queries, 0) * padding[:, None, None, :]
     assert leaked.abs().max() == 0
-    assert np.abs(baseline - sharpened).max() > 1e-2
+    assert not np.allclose(baseline, sharpened, atol=1e-6)
+
+    def entropy(p):
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)[features.attention_mask.bool()[:, None, :].expand_as(p[..., 0])].mean()
+
+    assert entropy(probs) < entropy(neutral.seen[0]) - 0.01  # sharper attention
+    np.testing.assert_allclose(baseline, tiny_model(features).detach().numpy(), atol=1e-5)
 
 
 def test_identity_attention_policy_equals_the_native_path(tiny_model):
