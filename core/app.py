@@ -68,7 +68,7 @@ def run_train(cfg: dict[str, Any], registry: Registry, model: EmbeddingModel | N
         raise InputError("training needs a loss and a sampler: set loss=<name> and sampler=<name>.")
     loss = registry.create("loss", loss_node["name"], **options_of(loss_node))
     sampler = registry.create("sampler", sampler_node["name"], **options_of(sampler_node))
-    settings = TrainSettings(seed=cfg["seed"], **cfg["train"])
+    settings = TrainSettings.from_dict({"seed": cfg["seed"], **cfg["train"]})
     return train(
         model,
         examples,
@@ -77,7 +77,7 @@ def run_train(cfg: dict[str, Any], registry: Registry, model: EmbeddingModel | N
         settings,
         output_dir=output_dir(cfg),
         make_index=index_factory(cfg, registry),
-        run_config=cfg,
+        run_config={"data": cfg["data"]["train"]},
     )
 
 
@@ -115,7 +115,6 @@ def run_eval(
     else:
         raise InputError(f"unknown evaluation task {spec['task']!r}; use 'sts' or 'retrieval'.")
     results["data"] = cfg["data"]["name"]
-    results["model"] = model.specs
     if write:
         evaluation.write_results(output_dir(cfg) / settings["output"], results)
     return results
@@ -199,11 +198,16 @@ def run_quickstart(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     return {"before": before, "after": after, "hits": hits}
 
 
+def metric_names(results: dict[str, Any]) -> list[str]:
+    """The headline metrics of an evaluation: those reported with a confidence interval."""
+    return [name for name in results if f"{name}_ci" in results]
+
+
 def format_comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
     rows = [("metric", "before", "after", "change")]
-    for name, value in before["metrics"].items():
-        new = after["metrics"][name]
-        rows.append((name, f"{value['value']:.2f}", f"{new['value']:.2f}", f"{new['value'] - value['value']:+.2f}"))
+    for name in metric_names(before):
+        old, new = before[name], after[name]
+        rows.append((name, f"{old:.2f}", f"{new:.2f}", f"{new - old:+.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -43,12 +43,13 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    from .app import output_dir, run_eval
+    from .app import metric_names, output_dir, run_eval
 
     cfg, registry = _configured(argv)
     results = run_eval(cfg, registry)
-    for name, metric in results["metrics"].items():
-        print(f"{name:>12}: {metric['value']:.2f}  (95% CI {metric['ci_low']:.2f}-{metric['ci_high']:.2f})")
+    for name in metric_names(results):
+        low, high = results[f"{name}_ci"]
+        print(f"{name:>12}: {results[name]:.2f}  (95% CI {low:.2f}-{high:.2f})")
     print(f"results written to {output_dir(cfg) / cfg['eval']['output']}")
     return 0
 

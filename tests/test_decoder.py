@@ -228,3 +228,8 @@ def test_config_file_lists_every_option_with_its_default():
             assert OmegaConf.is_missing(config, name)
         else:
             assert config[name] == parameter.default
+
+
+def test_a_missing_path_is_asked_for():
+    with pytest.raises(OptionError, match="backbone.path"):
+        embplex.load_registry().create("backbone", "hf_decoder", path="???")

@@ -6,8 +6,10 @@ Models: An In-depth Overview (Tao et al., 2024, arXiv:2412.12591). A decoder LLM
 an embedding model by appending EOS to every text (so the last token has read the whole
 text under causal attention), padding on either side with correct position ids, and
 optionally training LoRA adapters. Our version keeps the model's own causal attention
-unless an attention plugin (``causal`` / ``bidirectional``) is composed with it, and
-saves LoRA-trained models with the adapters merged into the weights.
+unless an attention plugin (``causal`` / ``bidirectional``) is composed with it, applies
+the model's final norm to every layer's output (transformers applies it to the last
+only), so pooling at layer k gives the same vector however the depth was cut, and saves
+LoRA-trained models with the adapters merged into the weights.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class HFDecoder(TransformersBackbone, Backbone):
         lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if not path or path == "???":  # "???" is Hydra's mark for a value nobody gave
+            raise OptionError(
+                "hf_decoder needs a model: set backbone.path to a local decoder LLM folder."
+            )
         if padding_side not in ("left", "right"):
             raise OptionError(f"padding_side must be 'left' or 'right', not {padding_side!r}.")
         self.append_eos = append_eos

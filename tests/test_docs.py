@@ -1,0 +1,190 @@
+"""The documentation is kept honest by tests, not by good intentions.
+
+* ``docs/hooks.md`` shows every hook spec with its exact signature and docstring, and no
+  hook that does not exist.
+* Every built-in component has a config file and a docs page under the one name it is
+  registered with; every config file names a registered plugin; every docs page lists
+  the plugin's options and shows it on the command line and in Python.
+* Every plugin module's docstring names its paper (an arXiv id) or says it is a baseline.
+* Relative links in the docs point at files that exist, and the index links every page.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import embplex
+from embplex import hookspecs
+from embplex.registry import KINDS
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+CONF = REPO / "conf"
+PLUGINS = REPO / "plugins"
+
+HOOKSPECS = sorted(
+    (name for name, value in vars(hookspecs).items() if callable(value) and hasattr(value, "embplex_spec")),
+    key=list(vars(hookspecs)).index,
+)
+BUILTINS = sorted(
+    (info.kind, info.name)
+    for info in embplex.load_registry()
+    if info.distribution is not None and info.distribution.name == "embplex"
+)
+CONFIG_FILES = sorted((path.parent.name, path.stem) for kind in KINDS for path in (CONF / kind).glob("*.yaml"))
+PLUGIN_MODULES = sorted(
+    (path.parent.name, path.stem)
+    for kind in KINDS
+    for path in (PLUGINS / kind).glob("*.py")
+    if path.stem != "__init__"
+)
+PLUGIN_PAGES = sorted((path.parent.name, path.stem) for path in (DOCS / "plugins").glob("*/*.md"))
+ARXIV_ID = re.compile(r"arXiv:\s*\d{4}\.\d{4,5}")
+
+
+def _ids(pair: tuple[str, str]) -> str:
+    return "/".join(pair)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def signature_text(function) -> str:
+    """``name(param: Type) -> Return`` as written in the source, without the string quotes
+    that ``from __future__ import annotations`` leaves around each annotation."""
+
+    def clean(annotation) -> str:
+        return str(annotation).strip("'\"")
+
+    parameters = []
+    for p in inspect.signature(function).parameters.values():
+        text = p.name if p.annotation is p.empty else f"{p.name}: {clean(p.annotation)}"
+        if p.default is not p.empty:
+            text += f" = {p.default!r}"
+        parameters.append(text)
+    returns = inspect.signature(function).return_annotation
+    arrow = "" if returns is inspect.Signature.empty else f" -> {clean(returns)}"
+    return f"{function.__name__}({', '.join(parameters)}){arrow}"
+
+
+# ---------------------------------------------------------------------------
+# Hooks reference
+# ---------------------------------------------------------------------------
+
+
+def test_there_are_hookspecs():
+    assert "register_poolings" in HOOKSPECS and "register_config_paths" in HOOKSPECS
+
+
+@pytest.mark.parametrize("hook", HOOKSPECS)
+def test_hooks_reference_shows_exact_signature_and_docstring(hook):
+    reference = (DOCS / "hooks.md").read_text()
+    function = getattr(hookspecs, hook)
+    assert signature_text(function) in reference, f"docs/hooks.md lacks `{signature_text(function)}`"
+    docstring = inspect.getdoc(function)
+    assert docstring, f"hookspec {hook} has no docstring"
+    assert _squash(docstring) in _squash(reference), f"docs/hooks.md lacks the docstring of {hook}"
+
+
+def test_hooks_reference_documents_no_hook_that_does_not_exist():
+    reference = (DOCS / "hooks.md").read_text()
+    documented = set(re.findall(r"def (register_\w+)\(", reference))
+    assert documented == set(HOOKSPECS)
+
+
+# ---------------------------------------------------------------------------
+# One name everywhere: registry, config file, docs page
+# ---------------------------------------------------------------------------
+
+
+def test_builtins_are_registered():
+    assert ("backbone", "hf_encoder") in BUILTINS and ("pooling", "mean") in BUILTINS
+
+
+@pytest.mark.parametrize("component", BUILTINS, ids=_ids)
+def test_builtin_has_config_file(component):
+    kind, name = component
+    assert (CONF / kind / f"{name}.yaml").is_file(), f"add conf/{kind}/{name}.yaml"
+
+
+@pytest.mark.parametrize("component", BUILTINS, ids=_ids)
+def test_builtin_has_docs_page(component):
+    kind, name = component
+    assert (DOCS / "plugins" / kind / f"{name}.md").is_file(), f"add docs/plugins/{kind}/{name}.md"
+
+
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=_ids)
+def test_config_file_names_a_registered_plugin(config, registry):
+    kind, name = config
+    assert name in registry.names(kind), f"conf/{kind}/{name}.yaml names no registered {kind}"
+
+
+@pytest.mark.parametrize("page", PLUGIN_PAGES, ids=_ids)
+def test_docs_page_names_a_registered_plugin(page, registry):
+    kind, name = page
+    assert kind in KINDS, f"docs/plugins/{kind}/ is not a component kind"
+    assert name in registry.names(kind), f"docs/plugins/{kind}/{name}.md documents no registered {kind}"
+
+
+@pytest.mark.parametrize("page", PLUGIN_PAGES, ids=_ids)
+def test_docs_page_covers_paper_options_and_examples(page, registry):
+    kind, name = page
+    text = (DOCS / "plugins" / kind / f"{name}.md").read_text()
+    assert text.startswith("# "), "the page starts with a title"
+    assert ARXIV_ID.search(text) or "baseline" in text.lower(), "name the paper (arXiv id) or say baseline"
+    undocumented = [o for o in registry.get(kind, name).option_names() if f"`{o}`" not in text]
+    assert undocumented == [], f"options missing from the options table: {undocumented}"
+    assert f"{kind}={name}" in text, f"show it on the command line: embplex ... {kind}={name}"
+    assert "```python" in text, "show it in Python"
+
+
+# ---------------------------------------------------------------------------
+# Plugin module docstrings
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", PLUGIN_MODULES, ids=_ids)
+def test_plugin_docstring_names_its_paper_or_says_baseline(module):
+    kind, name = module
+    docstring = ast.get_docstring(ast.parse((PLUGINS / kind / f"{name}.py").read_text())) or ""
+    assert docstring, f"plugins/{kind}/{name}.py has no module docstring"
+    assert ARXIV_ID.search(docstring) or "baseline" in docstring.lower(), (
+        f"plugins/{kind}/{name}.py: name the paper (title, year, arXiv id) or say it is a baseline"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Links
+# ---------------------------------------------------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _relative_links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)  # code is not links
+    return [
+        target.split("#")[0]
+        for target in LINK.findall(text)
+        if not re.match(r"[a-z]+:", target) and not target.startswith("#")
+    ]
+
+
+@pytest.mark.parametrize(
+    "page", sorted([*DOCS.rglob("*.md"), REPO / "README.md"]), ids=lambda p: p.relative_to(REPO).as_posix()
+)
+def test_relative_links_resolve(page):
+    broken = [t for t in _relative_links(page) if t and not (page.parent / t).exists()]
+    assert broken == [], f"{page.relative_to(REPO)} links to missing files: {broken}"
+
+
+def test_index_links_every_page():
+    linked = {(DOCS / target).resolve() for target in _relative_links(DOCS / "index.md")}
+    pages = {p.resolve() for p in DOCS.rglob("*.md") if p.name != "index.md" and "examples" not in p.parts}
+    missing = sorted(p.relative_to(DOCS).as_posix() for p in pages - linked)
+    assert missing == [], f"docs/index.md does not link: {missing}"
