@@ -86,7 +86,9 @@ def run_eval(
     registry: Registry,
     model: EmbeddingModel | None = None,
     write: bool = True,
+    keep_index: Callable[[Index], None] | None = None,
 ) -> dict[str, Any]:
+    """Evaluate on ``data.eval``; ``keep_index`` receives the retrieval index it built."""
     from . import evaluation
 
     model = model or build_model(cfg, registry)
@@ -103,12 +105,20 @@ def run_eval(
         from .data import load_beir
 
         corpus, queries, qrels = load_beir(spec["path"], spec["split"])
+        make_index = index_factory(cfg, registry)
+
+        def make_and_keep(dim: int) -> Index:
+            index = make_index(dim)
+            if keep_index is not None:
+                keep_index(index)
+            return index
+
         results = evaluation.evaluate_retrieval(
             model,
             corpus,
             queries,
             qrels,
-            index_factory(cfg, registry),
+            make_and_keep,
             batch_size=settings["batch_size"],
             bootstrap=settings["bootstrap"],
         )
@@ -178,12 +188,16 @@ def run_quickstart(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     print("2/4 fine-tuning", flush=True)
     trained = run_train(cfg, registry, model=model)
     print("3/4 evaluating the fine-tuned model", flush=True)
-    after = run_eval(cfg, registry, model=model, write=False)
+    built: list[Index] = []
+    after = run_eval(cfg, registry, model=model, write=False, keep_index=built.append)
     from . import evaluation
+    from .data import load_beir
 
     evaluation.write_results(output_dir(cfg) / "quickstart.json", {"before": before, "after": after})
-    print("4/4 building the index and answering a sample query", flush=True)
-    index, corpus = run_index(cfg, registry, model=model)
+    print("4/4 saving the index of the corpus and answering a sample query", flush=True)
+    index = built[0]  # the evaluation already embedded the whole corpus: reuse it
+    index.save(output_dir(cfg) / "index")
+    corpus, _, _ = load_beir(cfg["data"]["eval"]["path"], cfg["data"]["eval"]["split"])
     query = cfg["search"].get("query") or "Vitamin D deficiency is associated with a higher risk of infection."
     hits = search(model, index, query, cfg["search"]["k"])
     print()
