@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from .errors import EmbplexError
 
 COMMANDS = ("train", "eval", "encode", "index", "quickstart", "plugins", "config")
-QUICKSTART_DEFAULTS = ["train.max_steps=25", "output_dir=runs/quickstart"]
+QUICKSTART_DEFAULTS = ["experiment=quickstart"]
 
 
 def _configured(argv: Sequence[str], defaults: Sequence[str] = ()) -> tuple[dict[str, Any], Any]:
