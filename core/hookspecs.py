@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .registry import Register
+    from .registry import Register, RegisterPath
 
 hookspec = pluggy.HookspecMarker("embplex")
 
@@ -99,12 +99,13 @@ def register_indexes(register: "Register") -> None:
 
 
 @hookspec
-def register_config_paths(register: "Register") -> None:
+def register_config_paths(register: "RegisterPath") -> None:
     """Register folders of Hydra config files shipped by a plugin package.
 
     :param register: call ``register(path)`` with a ``pkg://package.module`` or
         ``file://`` search path whose ``<kind>/<name>.yaml`` files become options of
         the config groups (``pooling=<name>`` on the command line).
 
-    Called when the CLI or :func:`embplex.compose_config` composes a config.
+    Called once per plugin when the registry is built; the paths are searched by
+    :func:`embplex.config.compose_config` (and so by the CLI).
     """

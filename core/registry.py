@@ -47,6 +47,11 @@ class Register(Protocol):
         ...
 
 
+class RegisterPath(Protocol):
+    def __call__(self, path: str) -> None:
+        ...
+
+
 @dataclass(frozen=True)
 class Distribution:
     name: str
