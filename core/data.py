@@ -56,11 +56,17 @@ def _existing(path: str | Path, what: str) -> Path:
     return path
 
 
-def _read_tsv(path: str | Path, what: str) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
-    """The header and the rows (with their line numbers) of a TSV file."""
+def _read_tsv(
+    path: str | Path, what: str, as_written: bool = False
+) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
+    """The header and the rows (with their line numbers) of a TSV file.
+
+    ``as_written`` keeps quote characters as text instead of CSV-unquoting fields.
+    """
     path = _existing(path, what)
     handle = path.open(newline="", encoding="utf-8")
-    reader = csv.reader(handle, delimiter="\t")
+    quoting = csv.QUOTE_NONE if as_written else csv.QUOTE_MINIMAL
+    reader = csv.reader(handle, delimiter="\t", quoting=quoting)
     header = [column.strip() for column in next(reader, [])]
     if not header:
         handle.close()
@@ -164,8 +170,9 @@ def load_sts_pairs(
     limit: int | None = None,
     task: str | None = None,
 ) -> list[Example]:
-    """Every scored pair of an STS TSV, its score in ``Example.scores`` (``[score]``)."""
-    header, rows = _read_tsv(path, "STS file")
+    """Every scored pair of an STS TSV, its score in ``Example.scores`` (``[score]``).
+    Fields are read as written, like :func:`load_sts`."""
+    header, rows = _read_tsv(path, "STS file", as_written=True)
     _require_columns(path, header, ("sentence1", "sentence2", "score"))
     task = task or Path(path).stem
     examples = []
@@ -288,8 +295,13 @@ def _flagembedding_examples(
 
 
 def load_sts(path: str | Path) -> tuple[list[str], list[str], list[float]]:
-    """``(sentences1, sentences2, scores)`` from a TSV ``sentence1, sentence2, score``."""
-    header, rows = _read_tsv(path, "STS file")
+    """``(sentences1, sentences2, scores)`` from a TSV ``sentence1, sentence2, score``.
+
+    Fields are read as written, quote characters included: that is how the reference
+    scores in ``../shared/data/README.md`` were measured (and how sentence-transformers'
+    STS-B examples read the file), so our Spearman is comparable to them.
+    """
+    header, rows = _read_tsv(path, "STS file", as_written=True)
     _require_columns(path, header, ("sentence1", "sentence2", "score"))
     first, second, scores = [], [], []
     for line, row in rows:

@@ -80,6 +80,18 @@ def test_single_query_vector_and_k_capped_at_size():
     assert result.scores[0, 0] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_accepts_torch_tensors_of_any_float_dtype():
+    import torch
+
+    vectors = random_vectors(20, 8, seed=5)
+    from_numpy = ExactIndex(dim=8)
+    from_numpy.add([str(i) for i in range(20)], vectors)
+    from_torch = ExactIndex(dim=8)
+    from_torch.add([str(i) for i in range(20)], torch.from_numpy(vectors).to(torch.bfloat16))
+    queries = torch.from_numpy(random_vectors(4, 8, seed=6))
+    assert from_torch.search(queries, 3).ids == from_numpy.search(queries.numpy(), 3).ids
+
+
 def test_search_on_empty_index_returns_empty_rows():
     index = ExactIndex(dim=4)
     result = index.search(np.ones((3, 4), dtype=np.float32), k=5)

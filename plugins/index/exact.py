@@ -144,9 +144,9 @@ class ExactIndex(Index):
 
     def _as_matrix(self, vectors: Any, what: str) -> torch.Tensor:
         if isinstance(vectors, torch.Tensor):
-            vectors = vectors.detach().cpu().numpy()
+            vectors = vectors.detach().float().cpu().numpy()
         elif isinstance(vectors, (list, tuple)):
-            vectors = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in vectors]
+            vectors = [v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in vectors]
         try:
             array = np.asarray(vectors, dtype=np.float32)
         except (TypeError, ValueError) as exc:
