@@ -171,8 +171,8 @@ def load_sts_pairs(
     task: str | None = None,
 ) -> list[Example]:
     """Every scored pair of an STS TSV, its score in ``Example.scores`` (``[score]``).
-    Fields are read as written, like :func:`load_sts`."""
-    header, rows = _read_tsv(path, "STS file", as_written=True)
+    Unlike :func:`load_sts`, CSV-quoted fields are unquoted: training sees clean text."""
+    header, rows = _read_tsv(path, "STS file")
     _require_columns(path, header, ("sentence1", "sentence2", "score"))
     task = task or Path(path).stem
     examples = []

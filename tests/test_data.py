@@ -64,7 +64,13 @@ def test_sts_pairs_keep_every_pair_with_its_score(data_dir):
     first, second, scores = load_sts(path)
     assert len(examples) == len(first) == 1500
     assert [e.scores for e in examples] == [[s] for s in scores]
-    assert [e.anchor for e in examples] == first and [e.positive for e in examples] == second
+    # evaluation reads fields as written (as the reference harness did); training unquotes
+    def unquote(field):
+        return field[1:-1].replace('""', '"') if field.startswith('"') else field
+
+    assert [e.anchor for e in examples] == [unquote(f) for f in first]
+    assert [e.positive for e in examples] == [unquote(f) for f in second]
+    assert any(f.startswith('"') for f in first + second)
     assert len(load_sts_pairs(path, min_score=4.0)) == sum(s >= 4.0 for s in scores)
 
 
