@@ -95,6 +95,16 @@ class Features:
             mask = mask & ~self.instruction_mask.bool()
         return mask
 
+    def pooling_mask(self, exclude_instruction: bool) -> Tensor:
+        """The tokens a pooling reads: real tokens, without the instruction tokens when
+        ``exclude_instruction`` is on. A row left with no token (the text was truncated
+        away behind its prompt) falls back to all its real tokens."""
+        real = self.attention_mask.bool()
+        if not exclude_instruction:
+            return real
+        mask = self.token_mask
+        return torch.where(mask.any(dim=1, keepdim=True), mask, real)
+
     def at_layer(self, layer: int | None) -> "Features":
         """The same batch with pooling pointed at another layer (elastic depth)."""
         return dataclasses.replace(self, layer=layer)

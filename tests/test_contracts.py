@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import embplex
 from embplex.components import Example, Loss, Sampler, TrainingContext
 from embplex.training import TrainSettings, make_training_batch, train
 

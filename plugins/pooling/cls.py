@@ -27,7 +27,7 @@ class ClsPooling(Pooling):
         self.exclude_instruction = exclude_instruction
 
     def forward(self, features: Features) -> Tensor:
-        mask = _pooled_tokens(features, self.exclude_instruction)
+        mask = features.pooling_mask(self.exclude_instruction)
         first = mask.int().argmax(dim=1)
         states = features.last_hidden_state
         return states[torch.arange(states.shape[0], device=states.device), first]
@@ -40,15 +40,6 @@ class ClsPooling(Pooling):
         # prompt, so the two agree with and without prompts.
         return embplex.sentence_transformers_pooling(root, index, "cls", hidden_size)
 
-
-def _pooled_tokens(features: Features, exclude_instruction: bool) -> Tensor:
-    """Tokens to pool per row; a row whose every token is instruction (the text was
-    truncated away) falls back to all its real tokens."""
-    real = features.attention_mask.bool()
-    if not exclude_instruction:
-        return real
-    mask = features.token_mask
-    return torch.where(mask.any(dim=1, keepdim=True), mask, real)
 
 
 @embplex.hookimpl

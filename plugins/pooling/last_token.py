@@ -27,7 +27,7 @@ class LastTokenPooling(Pooling):
         self.exclude_instruction = exclude_instruction
 
     def forward(self, features: Features) -> Tensor:
-        mask = _pooled_tokens(features, self.exclude_instruction)
+        mask = features.pooling_mask(self.exclude_instruction)
         width = mask.shape[1]
         last = width - 1 - mask.int().flip(dims=[1]).argmax(dim=1)
         states = features.last_hidden_state
@@ -40,15 +40,6 @@ class LastTokenPooling(Pooling):
         # sentence-transformers' "lasttoken" is the same vector.
         return embplex.sentence_transformers_pooling(root, index, "lasttoken", hidden_size)
 
-
-def _pooled_tokens(features: Features, exclude_instruction: bool) -> Tensor:
-    """Tokens to pool per row; a row whose every token is instruction falls back to all
-    its real tokens."""
-    real = features.attention_mask.bool()
-    if not exclude_instruction:
-        return real
-    mask = features.token_mask
-    return torch.where(mask.any(dim=1, keepdim=True), mask, real)
 
 
 @embplex.hookimpl

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 import embplex
@@ -23,7 +22,7 @@ class MaxPooling(Pooling):
         self.exclude_instruction = exclude_instruction
 
     def forward(self, features: Features) -> Tensor:
-        mask = _pooled_tokens(features, self.exclude_instruction)
+        mask = features.pooling_mask(self.exclude_instruction)
         states = features.last_hidden_state
         return states.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
 
@@ -37,15 +36,6 @@ class MaxPooling(Pooling):
             return None
         return embplex.sentence_transformers_pooling(root, index, "max", hidden_size)
 
-
-def _pooled_tokens(features: Features, exclude_instruction: bool) -> Tensor:
-    """Tokens to pool per row; a row whose every token is instruction falls back to all
-    its real tokens."""
-    real = features.attention_mask.bool()
-    if not exclude_instruction:
-        return real
-    mask = features.token_mask
-    return torch.where(mask.any(dim=1, keepdim=True), mask, real)
 
 
 @embplex.hookimpl

@@ -22,7 +22,7 @@ class MeanPooling(Pooling):
         self.exclude_instruction = exclude_instruction
 
     def forward(self, features: Features) -> Tensor:
-        mask = features.token_mask if self.exclude_instruction else features.attention_mask.bool()
+        mask = features.pooling_mask(self.exclude_instruction)
         states = features.last_hidden_state
         weights = mask.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)

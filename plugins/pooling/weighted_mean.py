@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 import embplex
@@ -26,7 +25,7 @@ class WeightedMeanPooling(Pooling):
         self.exclude_instruction = exclude_instruction
 
     def forward(self, features: Features) -> Tensor:
-        mask = _pooled_tokens(features, self.exclude_instruction)
+        mask = features.pooling_mask(self.exclude_instruction)
         states = features.last_hidden_state
         positions = features.attention_mask.long().cumsum(dim=1)
         weights = (positions * mask).unsqueeze(-1).to(states.dtype)
@@ -41,15 +40,6 @@ class WeightedMeanPooling(Pooling):
             return None
         return embplex.sentence_transformers_pooling(root, index, "weightedmean", hidden_size)
 
-
-def _pooled_tokens(features: Features, exclude_instruction: bool) -> Tensor:
-    """Tokens to pool per row; a row whose every token is instruction falls back to all
-    its real tokens."""
-    real = features.attention_mask.bool()
-    if not exclude_instruction:
-        return real
-    mask = features.token_mask
-    return torch.where(mask.any(dim=1, keepdim=True), mask, real)
 
 
 @embplex.hookimpl
