@@ -68,3 +68,12 @@ def tiny_model(tiny_bert_path):
     import embplex
 
     return embplex.compose({"name": "hf_encoder", "path": tiny_bert_path}, pooling="mean")
+
+
+@pytest.fixture(scope="session")
+def decoders(tmp_path_factory) -> dict[str, str]:
+    """Tiny random decoders of every supported family, by family name (see tiny_decoders)."""
+    from tiny_decoders import FAMILIES, build_decoder
+
+    root = tmp_path_factory.mktemp("decoders")
+    return {family: build_decoder(family, root / family) for family in FAMILIES}

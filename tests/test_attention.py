@@ -10,7 +10,7 @@ import torch
 
 import embplex
 from embplex.components import Features
-from tiny_decoders import FAMILIES, build_decoder
+from tiny_decoders import FAMILIES
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog in the old city",
@@ -18,12 +18,6 @@ TEXTS = [
     "what is the capital of france ? paris",
 ]
 POLICIES = ["causal", "bidirectional"]
-
-
-@pytest.fixture(scope="module")
-def decoders(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("decoders")
-    return {family: build_decoder(family, root / family) for family in FAMILIES}
 
 
 @pytest.fixture(autouse=True)

@@ -18,12 +18,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def decoders(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("decoders")
-    return {family: build_decoder(family, root / family) for family in FAMILIES}
-
-
 @pytest.fixture(autouse=True)
 def no_grad():
     with torch.no_grad():

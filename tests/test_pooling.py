@@ -11,7 +11,7 @@ import torch
 
 import embplex
 from embplex.components import Features
-from tiny_decoders import FAMILIES, build_decoder
+from tiny_decoders import FAMILIES
 
 POOLINGS = ["cls", "last_token", "max", "weighted_mean"]
 TEXTS = [
@@ -24,12 +24,6 @@ SENTENCES = [
     "The new movie is awesome, I loved every minute of it!",
     "Paris is the capital of France.",
 ]
-
-
-@pytest.fixture(scope="module")
-def decoders(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("decoders")
-    return {family: build_decoder(family, root / family) for family in FAMILIES}
 
 
 @pytest.fixture(autouse=True)
