@@ -283,7 +283,8 @@ class Attention(Component):
 
 
 class Pooling(Component):
-    """Hidden states to one vector per text (``[batch, dim]``).
+    """Hidden states to one vector per text (``[batch, dim]``), or to a set of vectors
+    per text (``[batch, tokens, dim]`` plus ``vector_mask``) for late interaction.
 
     Reads ``features.last_hidden_state`` (the layer chosen by ``features.layer``) or any
     of ``features.hidden_states``, and ``features.token_mask`` to leave out padding and,
@@ -296,6 +297,11 @@ class Pooling(Component):
 
     def forward(self, features: Features) -> Tensor:
         raise NotImplementedError
+
+    def vector_mask(self, features: Features) -> Tensor:
+        """For multi-vector poolings (``forward`` returns ``[batch, tokens, dim]``): which
+        of the vectors belong to each text. Default: the real tokens."""
+        return features.attention_mask.bool()
 
 
 # ---------------------------------------------------------------------------

@@ -146,6 +146,8 @@ class EmbeddingModel(nn.Module):
             ``"warn"`` (truncate and warn), ``"silent"`` or ``"error"``.
         :param layer: pool at this layer (elastic depth); ``None`` is the last.
         :param dim: keep the first ``dim`` dimensions (Matryoshka), renormalised.
+        :returns: ``[texts, dim]``; for a multi-vector pooling (one that returns
+            ``[batch, tokens, dim]``) a list with one ``[tokens_i, dim]`` array per text.
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
@@ -182,10 +184,14 @@ class EmbeddingModel(nn.Module):
                     )
                     pooled = self.pooling(features.at_layer(layer)).float()
                     if dim is not None:
-                        pooled = pooled[:, :dim]
+                        pooled = pooled[..., :dim]
                     if normalize:
                         pooled = nn.functional.normalize(pooled, dim=-1)
-                    chunks.append(pooled.cpu())
+                    if pooled.dim() == 3:  # a set of vectors per text (late interaction)
+                        keep = self.pooling.vector_mask(features).cpu()
+                        chunks.extend(rows[mask] for rows, mask in zip(pooled.cpu(), keep))
+                    else:
+                        chunks.extend(pooled.cpu())
         finally:
             self.train(was_training)
         if truncated and truncation == "warn":
@@ -195,7 +201,11 @@ class EmbeddingModel(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        embeddings = torch.cat(chunks)[torch.from_numpy(np.argsort(order, kind="stable"))]
+        in_input_order = [chunks[i] for i in np.argsort(order, kind="stable")]
+        if in_input_order[0].dim() == 2:  # sets of vectors: one [tokens, dim] per text
+            vectors = in_input_order if convert_to == "torch" else [v.numpy() for v in in_input_order]
+            return vectors[0] if single else vectors
+        embeddings = torch.stack(in_input_order)
         if single:
             embeddings = embeddings[0]
         return embeddings if convert_to == "torch" else embeddings.numpy()

@@ -240,3 +240,20 @@ def test_missing_backbone_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         embplex.compose({"name": "hf_encoder", "path": str(tmp_path / "absent")})
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+class TokenVectors(embplex.Pooling):
+    """Every real token's state: the shape of a multi-vector (late interaction) pooling."""
+
+    def forward(self, features):
+        return features.last_hidden_state
+
+
+def test_multi_vector_pooling_gives_one_set_of_vectors_per_text(tiny_model):
+    tiny_model.pooling = TokenVectors()
+    sets = tiny_model.encode(TEXTS, batch_size=3)
+    lengths = tiny_model.backbone.tokenize(TEXTS).attention_mask.sum(dim=1).tolist()
+    assert [s.shape for s in sets] == [(n, 32) for n in lengths]
+    np.testing.assert_allclose(np.linalg.norm(sets[1], axis=1), 1.0, atol=1e-5)
+    alone = tiny_model.encode(TEXTS[1])
+    np.testing.assert_allclose(alone, sets[1], atol=1e-5)
