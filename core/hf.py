@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from .components import Attention
-from .errors import ModelFileError
+from .errors import ModelFileError, OptionError
 
 ATTENTION_IMPLEMENTATION = "embplex"
 _active_policy: contextvars.ContextVar[Attention | None] = contextvars.ContextVar(
@@ -113,6 +114,84 @@ def use_attention(model: torch.nn.Module, policy: Attention) -> Iterator[None]:
         _active_policy.reset(token)
 
 
+PRECISIONS = ("fp32", "bf16", "fast")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> tuple[str, frozenset[str]]:
+    """The CPU vendor and feature flags from ``/proc/cpuinfo`` (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "", frozenset()
+    vendor, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = frozenset(value.split())
+    return vendor, flags
+
+
+def bf16_matmul_is_fast(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices faster than float32 ones.
+
+    True for CUDA GPUs with bf16 support, CPUs with AMX (``amx_bf16``) and AMD CPUs with
+    AVX-512 BF16 (Zen 4 and later, which run ``vdpbf16ps`` at twice the float32 rate).
+    False for Intel CPUs with AVX-512 BF16 but no AMX: there oneDNN's bf16 matmul runs at
+    about half the float32 rate (measured in ``docs/benchmarks.md``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    vendor, flags = _cpu_flags()
+    return "amx_bf16" in flags or (vendor == "AuthenticAMD" and "avx512_bf16" in flags)
+
+
+class InferenceLinear(torch.nn.Linear):
+    """``nn.Linear`` that multiplies in bfloat16 at inference when its precision asks.
+
+    Only the matrix product runs in bf16: inputs are cast on the way in and outputs back
+    to the input dtype, so residual sums, layer norms, softmax and pooling stay float32
+    (pure bf16 weights lose too much: minimum cosine 0.99989 to float32 on the benchmark
+    sentences, against 0.99996 this way). The bf16 weights are cast once and cached until
+    the float32 ones change. With autograd on (training) it is a plain ``nn.Linear``; the
+    saved weights are always the float32 ones.
+    """
+
+    precision: str = "fp32"
+
+    def _bf16_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.bias
+        key = (
+            self.weight.data_ptr(), self.weight._version, self.weight.device,
+            None if bias is None else (bias.data_ptr(), bias._version),
+        )
+        cached = self.__dict__.get("_bf16_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cast = (
+                    self.weight.detach().to(torch.bfloat16),
+                    None if bias is None else bias.detach().to(torch.bfloat16),
+                )
+            self.__dict__["_bf16_cache"] = cached = (key, *cast)
+        return cached[1], cached[2]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (
+            self.precision == "fp32"
+            or torch.is_grad_enabled()
+            or self.weight.dtype != torch.float32
+            or (self.precision == "fast" and not bf16_matmul_is_fast(self.weight.device))
+        ):
+            return super().forward(input)
+        weight, bias = self._bf16_weights()
+        return torch.nn.functional.linear(input.to(torch.bfloat16), weight, bias).to(input.dtype)
+
+
 def instruction_mask(
     attention_mask: torch.Tensor, prefix_specials: int, prompt_tokens: int, left_padded: bool
 ) -> torch.Tensor:
@@ -139,6 +218,9 @@ class TransformersBackbone:
     auto_class: str = "AutoModel"
     model: Any
     tokenizer: Any
+    precision: str = "fp32"
+    # read by EmbeddingModel.encode: batch texts by token count, not by text count
+    fast_inference: bool = False
 
     def _load(
         self,
@@ -184,6 +266,24 @@ class TransformersBackbone:
         self.max_length = min(max_length or model_limit, limit)
         self._prefix_specials = self._count_prefix_specials()
         self._install_output_hooks()
+
+    def _set_precision(self, precision: str) -> None:
+        """Choose how inference multiplies: ``fp32`` (the model's own forward, the
+        default), ``bf16`` (bf16 matrix products, float32 everywhere else) or ``fast``
+        (bf16 where :func:`bf16_matmul_is_fast`, float32 otherwise). Anything but
+        ``fp32`` also makes ``encode`` batch by tokens. Training is never affected."""
+        if precision not in PRECISIONS:
+            raise OptionError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}: 'fp32' "
+                "matches sentence-transformers exactly, 'fast' is the quickest on this machine."
+            )
+        self.precision = precision
+        self.fast_inference = precision != "fp32"
+        for module in self.model.modules():
+            if type(module) is torch.nn.Linear and precision != "fp32":
+                module.__class__ = InferenceLinear
+            if isinstance(module, InferenceLinear):
+                module.precision = precision
 
     def _install_output_hooks(self) -> None:
         # transformers installs its hidden-state recording hooks on the first forward

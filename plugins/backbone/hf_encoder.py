@@ -3,7 +3,9 @@
 Baseline: BERT-style encoders as used by Sentence-BERT (Reimers & Gurevych, 2019,
 arXiv:1908.10084). Returns every layer's hidden states. ``num_layers`` keeps only the
 first k transformer blocks (elastic depth, as 2D Matryoshka and Starbucks models are
-meant to be served); the saved model then has k blocks.
+meant to be served); the saved model then has k blocks. ``precision`` picks the inference
+fast path (``fast``: bf16 matrix products where the hardware runs them faster, token-budget
+batching); the default ``fp32`` gives sentence-transformers' embeddings exactly.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ class HFEncoder(TransformersBackbone, Backbone):
         max_length: int | None = None,
         trust_remote_code: bool = False,
         dtype: str = "float32",
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self._load(path, max_length, num_layers, trust_remote_code, dtype)
+        self._set_precision(precision)
 
     def sentence_transformers_module(
         self, root: Path, index: int, hidden_size: int

@@ -1,0 +1,32 @@
+"""Run one benchmark by name: ``python benchmarks/run.py encode --json``.
+
+``encode``, ``train`` and ``length`` are ``bench_encode.py``, ``bench_train.py`` and
+``bench_length.py`` next to this file; every option after the name goes to that script
+(``--smoke``, ``--json``, ``--output PATH``, and its own, listed by ``--help``). Each
+writes its JSON result under ``benchmarks/results/``; ``docs/benchmarks.md`` explains
+them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+BENCHMARKS = {"encode": "bench_encode", "train": "bench_train", "length": "bench_length"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        names = ", ".join(BENCHMARKS)
+        print(f"usage: python benchmarks/run.py {{{names}}} [--smoke] [--json] [--output PATH] ...", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    module.main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Every benchmark runs alone in smoke mode and writes the result its docs describe.
+
+Benchmarks are not tests: nothing here asserts a speed. What is checked is that each
+script runs end to end on the real model and data (tiny counts, one repetition) and that
+its JSON carries the machine, the settings, every figure and the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_smoke(name: str, tmp_path: Path, data_dir: Path) -> dict:
+    output = tmp_path / f"{name}.json"
+    environment = {**os.environ, "EMBPLEX_DATA": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/run.py", name, "--smoke", "--output", str(output)],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(output.read_text(encoding="utf-8"))
+
+
+def check_common(result: dict, name: str) -> None:
+    assert result["benchmark"] == name
+    assert result["smoke"] is True
+    assert f"benchmarks/run.py {name}" in result["command"]
+    machine = result["machine"]
+    for key in ("cpu_model", "logical_cpus", "torch", "transformers", "sentence_transformers", "torch_threads"):
+        assert machine[key], key
+    assert "avx512_bf16" in machine["cpu_flags"]
+    assert result["settings"]["interleaved"] is True
+
+
+def test_encode_benchmark_reports_speed_quality_and_roofline(tmp_path, data_dir):
+    result = run_smoke("encode", tmp_path, data_dir)
+    check_common(result, "encode")
+    encoders = {"st_fp32", "st_bf16", "ours_fp32", "ours_fast", "ours_bf16"}
+    assert set(result["throughput"]) == encoders
+    for figures in result["throughput"].values():
+        assert figures["items_per_second"] > 0 and len(figures["seconds"]) == result["settings"]["repetitions"]
+    for pair in ("ours_fp32_vs_st_fp32", "ours_fast_vs_st_bf16", "ours_fast_vs_st_fp32"):
+        assert result["ratios"][pair]["median_of_paired"] > 0
+    quality = result["quality"]
+    # the default path reproduces sentence-transformers even in a smoke run
+    assert quality["ours_fp32_vs_st_fp32_max_abs_diff"] < 1e-5
+    assert set(quality["min_cosine_to_ours_fp32"]) == encoders
+    assert set(quality["stsb_spearman"]) == encoders and quality["stsb_pairs"] > 0
+    roofline = result["roofline"]
+    assert roofline["matmul_flops_per_token"] == 6 * 2 * (4 * 384 * 384 + 2 * 384 * 1536)
+    assert roofline["measured_peak"]["fp32_flops"] > 0 and roofline["measured_peak"]["bf16_flops"] > 0
+    assert roofline["theoretical_peak"]["assumptions"]
+    assert 0 < roofline["fast_fraction_of_measured_peak"]
+    padding = result["padding"]
+    assert padding["padded_tokens_token_budget_batches"] >= padding["real_tokens"]
+    assert padding["padded_tokens_text_count_batches"] >= padding["real_tokens"]
+    assert {"fp32_speed_vs_st_fp32", "fast_speed_vs_st_bf16", "fast_min_cosine"} <= set(result["targets"])
+
+
+def test_train_benchmark_reports_steps_per_second_and_peak_memory(tmp_path, data_dir):
+    result = run_smoke("train", tmp_path, data_dir)
+    check_common(result, "train")
+    for side in ("ours", "st"):
+        figures = result[side]
+        assert figures["steps_per_second_median"] > 0
+        assert figures["peak_rss_mib_median"] > figures["rss_before_training_mib_median"] > 0
+        assert len(figures["steps_per_second"]) == result["settings"]["repetitions"]
+    assert result["ours"]["trainer"] == "embplex.training.train"
+    assert "MultipleNegativesRankingLoss" in result["st"]["trainer"] or result["st"]["trainer"] == "SentenceTransformerTrainer"
+    assert result["ratios"]["steps_per_second_ours_vs_st"]["median_of_paired"] > 0
+    assert result["ratios"]["peak_rss_ours_over_st"] > 0
+
+
+def test_length_benchmark_reports_each_length_for_each_encoder(tmp_path, data_dir):
+    result = run_smoke("length", tmp_path, data_dir)
+    check_common(result, "length")
+    assert [row["length"] for row in result["lengths"]] == [32, 64]
+    for row in result["lengths"]:
+        for encoder in ("st_fp32", "ours_fp32", "ours_fast"):
+            figures = row[encoder]
+            assert figures["tokens_per_second"] > 0 and figures["peak_rss_mib"] > 0
+        assert row["ratios"]["ours_fast_vs_st_fp32"]["median_of_paired"] > 0
+
+
+def test_length_benchmark_texts_have_the_exact_token_count(minilm_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_length
+    finally:
+        sys.path.pop(0)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    for length in (32, 128):
+        texts = bench_length.texts_of_length(tokenizer, length, 5)
+        assert len(set(texts)) == 5
+        assert [len(tokenizer(t)["input_ids"]) for t in texts] == [length] * 5
+
+
+def test_benchmark_sentences_are_deterministic_real_and_in_range(data_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setenv("EMBPLEX_DATA", str(data_dir))
+    import common
+
+    first, again = common.benchmark_sentences(200), common.benchmark_sentences(200)
+    assert first == again and len(set(first)) == 200
+    assert all(5 <= len(s.split()) <= 60 for s in first)
+
+
+def test_run_py_refuses_an_unknown_benchmark():
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "nonsense"], cwd=REPO, capture_output=True, text=True
+    )
+    assert completed.returncode == 2 and "encode" in completed.stderr
+
+
+@pytest.mark.parametrize("script", ["bench_encode.py", "bench_train.py", "bench_length.py"])
+def test_each_script_documents_its_smoke_mode(script):
+    completed = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert completed.returncode == 0 and "--smoke" in completed.stdout
