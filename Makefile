@@ -26,5 +26,10 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest
 
+bench-smoke: setup
+	$(BIN)/python benchmarks/run.py encode --smoke
+	$(BIN)/python benchmarks/run.py train --smoke
+	$(BIN)/python benchmarks/run.py length --smoke
+
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

@@ -517,7 +517,8 @@ class Trainer:
             {"params": decayed, "weight_decay": self.settings.weight_decay},
             {"params": kept, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.settings.lr)
+        # the fused kernel is several times faster per step than the default one
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.settings.lr, fused=True)
 
     def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         warmup, total = self.warmup_steps, self.total_steps
