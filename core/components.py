@@ -402,6 +402,11 @@ class Sampler:
     ) -> Iterator[list[int]]:
         raise NotImplementedError
 
+    @staticmethod
+    def permutation(count: int, seed: int, epoch: int) -> list[int]:
+        """A shuffled ``range(count)`` that depends only on ``seed`` and ``epoch``."""
+        return np.random.default_rng([seed, epoch]).permutation(count).tolist()
+
     def num_batches(self, examples: Sequence[Example], batch_size: int) -> int:
         """An estimate for progress bars and schedules."""
         return math.ceil(len(examples) / batch_size)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 
 import embplex
 from embplex.components import Example, Sampler, TrainingContext
@@ -39,7 +38,7 @@ class NoDuplicatesSampler(Sampler):
     ) -> Iterator[list[int]]:
         if batch_size < 1:
             raise OptionError(f"batch_size must be at least 1, not {batch_size}.")
-        order = np.random.default_rng([seed, epoch]).permutation(len(examples)).tolist()
+        order = self.permutation(len(examples), seed, epoch)
         texts = [example_texts(examples[i]) for i in range(len(examples))]
         # dict keeps the shuffled order and deletes in O(1)
         remaining = dict.fromkeys(order)

@@ -10,16 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 
 import embplex
 from embplex.components import Example, Sampler, TrainingContext
 from embplex.errors import OptionError
-
-
-def epoch_permutation(count: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of ``range(count)`` that depends only on ``seed`` and ``epoch``."""
-    return np.random.default_rng([seed, epoch]).permutation(count).tolist()
 
 
 class RandomSampler(Sampler):
@@ -36,7 +30,7 @@ class RandomSampler(Sampler):
     ) -> Iterator[list[int]]:
         if batch_size < 1:
             raise OptionError(f"batch_size must be at least 1, not {batch_size}.")
-        order = epoch_permutation(len(examples), seed, epoch)
+        order = self.permutation(len(examples), seed, epoch)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             if len(batch) < batch_size and self.drop_last:
