@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test bench-smoke clean
+.PHONY: setup quickstart test bench bench-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the full benchmarks (about 25 minutes on 2 cores); results in benchmarks/results/
+bench: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run.py encode --json
+	$(BIN)/python benchmarks/run.py train --json
+	$(BIN)/python benchmarks/run.py length --json
+	$(BIN)/python benchmarks/report.py
 
 bench-smoke: setup
 	$(BIN)/python benchmarks/run.py encode --smoke

@@ -176,11 +176,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lengths = [int(n) for n in backbone.tokenize(sentences).attention_mask.sum(dim=1)]
     order = np.argsort([-len(t) for t in sentences], kind="stable")
 
-    def padded(plan: Any) -> int:
-        return sum(int(f.input_ids.numel()) for _, f, _ in plan(backbone, sentences, order, batch_size, None))
-
-    padded_text_count = padded(embplex_model._text_count_batches)
-    padded_token_budget = padded(embplex_model._token_budget_batches)
+    # sentence-transformers' batching: sorted by characters, batch_size texts at a time,
+    # each batch padded to its longest text
+    padded_text_count = sum(
+        int(backbone.tokenize([sentences[i] for i in order[start : start + batch_size]]).input_ids.numel())
+        for start in range(0, len(order), batch_size)
+    )
+    padded_token_budget = sum(
+        int(f.input_ids.numel())
+        for _, f, _ in embplex_model._token_budget_batches(backbone, sentences, order, batch_size, None)
+    )
     useful_flops = sum(flops_per_text(n, hidden, intermediate, layers) for n in lengths)
     fast_uses_bf16 = bf16_matmul_is_fast("cpu")
     measured = {

@@ -40,8 +40,23 @@ WARMUP_RATIO = 0.1
 MAX_GRAD_NORM = 1.0
 
 
+SEED = 42
+
+
 def _pairs(batch_size: int, steps: int) -> list[tuple[str, str]]:
     return common.snli_pairs(batch_size * steps)
+
+
+def _batch_order(count: int) -> list[int]:
+    """The order our ``random`` sampler visits the pairs in (epoch 0, ``SEED``).
+
+    sentence-transformers' trainer gets the pairs in this order without shuffling, so both
+    trainers compute the very same batches: a step's cost depends on its longest text
+    (every text is padded to it), and with different shuffles one trainer can draw the
+    costlier batches (a 2x slower step in a 12-step run was seen)."""
+    from embplex.components import Sampler
+
+    return Sampler.permutation(count, SEED, 0)
 
 
 def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) -> dict[str, Any]:
@@ -55,6 +70,7 @@ def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) 
     loss = registry.create("loss", "infonce", temperature=0.05)
     sampler = registry.create("sampler", "random")
     settings = TrainSettings(
+        seed=SEED,
         batch_size=batch_size,
         max_steps=steps,
         lr=LR,
@@ -67,11 +83,13 @@ def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) 
         resume=False,
     )
     ends: list[float] = []
+    peaks: list[float] = []
     rss_before = common.current_rss_mib()
     started = time.perf_counter()
     train(model, examples, loss, sampler, settings, output, registry=registry,
-          callbacks=[lambda info: ends.append(time.perf_counter())])
-    return {"step_ends": [t - started for t in ends], "rss_before_training_mib": rss_before, "trainer": "embplex.training.train"}
+          callbacks=[lambda info: (ends.append(time.perf_counter()), peaks.append(common.peak_rss_mib()))])
+    return {"step_ends": [t - started for t in ends], "peak_rss_at_step_end_mib": peaks,
+            "rss_before_training_mib": rss_before, "trainer": "embplex.training.train"}
 
 
 def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) -> dict[str, Any]:
@@ -83,11 +101,13 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
     except ImportError:  # older layout
         from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    torch.manual_seed(42)
+    torch.manual_seed(SEED)
     model = SentenceTransformer(path, device="cpu")
     loss = MultipleNegativesRankingLoss(model, scale=20.0)
     pairs = _pairs(batch_size, steps)
+    pairs = [pairs[i] for i in _batch_order(len(pairs))]
     ends: list[float] = []
+    peaks: list[float] = []
     try:
         import accelerate  # noqa: F401  (the trainer needs both)
         import datasets
@@ -97,11 +117,17 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
     started = time.perf_counter()
     if datasets is not None:
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+        from sentence_transformers.base.sampler import DefaultBatchSampler
+        from torch.utils.data import SequentialSampler
         from transformers import TrainerCallback
+
+        def in_given_order(dataset: Any, **options: Any) -> DefaultBatchSampler:
+            return DefaultBatchSampler(SequentialSampler(dataset), **options)
 
         class StepTimer(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 ends.append(time.perf_counter())
+                peaks.append(common.peak_rss_mib())
 
         dataset = datasets.Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
         arguments = SentenceTransformerTrainingArguments(
@@ -117,8 +143,9 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
             report_to="none",
             disable_tqdm=True,
             use_cpu=True,
-            seed=42,
+            seed=SEED,
             dataloader_drop_last=True,
+            batch_sampler=in_given_order,
         )
         rss_before = common.current_rss_mib()
         started = time.perf_counter()
@@ -138,9 +165,8 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
             optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
         )
         model.train()
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(42)).tolist()
         for step in range(steps):
-            rows = [pairs[i] for i in order[step * batch_size : (step + 1) * batch_size]]
+            rows = pairs[step * batch_size : (step + 1) * batch_size]
             features = [model.tokenize([r[column] for r in rows]) for column in (0, 1)]
             value = loss(features, labels=None)
             value.backward()
@@ -149,7 +175,30 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             ends.append(time.perf_counter())
-    return {"step_ends": [t - started for t in ends], "rss_before_training_mib": rss_before, "trainer": trainer}
+            peaks.append(common.peak_rss_mib())
+    return {"step_ends": [t - started for t in ends], "peak_rss_at_step_end_mib": peaks,
+            "rss_before_training_mib": rss_before, "trainer": trainer}
+
+
+def tokens_computed(batch_size: int, steps: int) -> dict[str, int]:
+    """Token positions the transformer computes over the run: the real tokens, each role
+    of a batch padded to its longest text (sentence-transformers), and our length groups
+    (``embplex.model.length_groups``, as ``EmbeddingModel.embed`` runs them on a CPU)."""
+    import embplex
+    from embplex.model import _group_overhead_tokens, length_groups
+
+    backbone = embplex.compose({"name": "hf_encoder", "path": common.minilm_path()}, pooling="mean").backbone
+    pairs = _pairs(batch_size, steps)
+    pairs = [pairs[i] for i in _batch_order(len(pairs))]
+    overhead = _group_overhead_tokens(backbone.model.device)
+    real = padded = grouped = 0
+    for start in range(0, len(pairs), batch_size):
+        for column in (0, 1):
+            lengths = backbone.tokenize([p[column] for p in pairs[start : start + batch_size]]).attention_mask.sum(dim=1)
+            real += int(lengths.sum())
+            padded += len(lengths) * int(lengths.max())
+            grouped += sum(len(rows) * int(lengths[rows].max()) for rows in length_groups(lengths, overhead))
+    return {"real": real, "padded_per_batch": padded, "length_groups": grouped}
 
 
 def worker(which: str, batch_size: int, steps: int, warmup: int) -> None:
@@ -214,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "training_rss_increase_mib_median": statistics.median(
                 f["peak_rss_mib"] - f["rss_before_training_mib"] for f in figures
             ),
+            "peak_rss_at_step_end_mib_first_run": figures[0].get("peak_rss_at_step_end_mib"),
         }
 
     ours, st = summary("ours"), summary("st")
@@ -232,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "settings": {
             "model": common.MODEL_NAME,
-            "data": "SNLI dev triplets (shared/data/pairs/snli), (anchor, positive) pairs in file order",
+            "data": "SNLI dev triplets (shared/data/pairs/snli), (anchor, positive) pairs; both trainers "
+            f"get the same batches (the order of our random sampler, seed {SEED})",
             "batch_size": args.batch_size,
             "steps": args.steps,
             "warmup_steps_untimed": args.warmup_steps,
@@ -247,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "quiet_share": common.QUIET_SHARE,
             "one_process_per_run": True,
         },
+        "tokens": tokens_computed(args.batch_size, args.steps),
         "ours": ours,
         "st": st,
         "ratios": {

@@ -99,6 +99,16 @@ def train_table(result: dict[str, Any]) -> str:
         f"{speed['of_medians']:.2f}× ratio of medians; runs: "
         f"{', '.join(f'{x:.2f}' for x in speed['paired'])}). Peak RSS ours / theirs: "
         f"{result['ratios']['peak_rss_ours_over_st']:.2f}.",
+        *(
+            [
+                "",
+                f"Token positions computed over the run: {tokens['real']} real; one padded pass per role "
+                f"{tokens['padded_per_batch']} ({tokens['padded_per_batch'] / tokens['real']:.2f}×); "
+                f"length groups {tokens['length_groups']} ({tokens['length_groups'] / tokens['real']:.2f}×).",
+            ]
+            if (tokens := result.get("tokens"))
+            else []
+        ),
     ])
 
 

@@ -219,8 +219,6 @@ class TransformersBackbone:
     model: Any
     tokenizer: Any
     precision: str = "fp32"
-    # read by EmbeddingModel.encode: batch texts by token count, not by text count
-    fast_inference: bool = False
 
     def _load(
         self,
@@ -270,15 +268,14 @@ class TransformersBackbone:
     def _set_precision(self, precision: str) -> None:
         """Choose how inference multiplies: ``fp32`` (the model's own forward, the
         default), ``bf16`` (bf16 matrix products, float32 everywhere else) or ``fast``
-        (bf16 where :func:`bf16_matmul_is_fast`, float32 otherwise). Anything but
-        ``fp32`` also makes ``encode`` batch by tokens. Training is never affected."""
+        (bf16 where :func:`bf16_matmul_is_fast`, float32 otherwise). Training is never
+        affected."""
         if precision not in PRECISIONS:
             raise OptionError(
                 f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}: 'fp32' "
                 "matches sentence-transformers exactly, 'fast' is the quickest on this machine."
             )
         self.precision = precision
-        self.fast_inference = precision != "fp32"
         for module in self.model.modules():
             if type(module) is torch.nn.Linear and precision != "fp32":
                 module.__class__ = InferenceLinear

@@ -104,6 +104,24 @@ class EmbeddingModel(nn.Module):
         ``None`` stands for the last layer. Layers count like ``hidden_states``: layer
         ``k`` is the output of the ``k``-th transformer block.
         """
+        lengths = features.attention_mask.sum(dim=1)
+        groups = length_groups(lengths, _group_overhead_tokens(features.input_ids.device))
+        if len(groups) == 1:
+            return self._embed_rows(features, layers)
+        # Texts never interact inside the encoder, so rows of similar length can run
+        # apart with less padding: same embeddings and gradients, less work and memory.
+        width = features.input_ids.shape[1]
+        widths = [int(lengths[rows].max()) for rows in groups]
+        parts = [self._embed_rows(_take_rows(features, rows, w), layers) for rows, w in zip(groups, widths)]
+        restore = torch.argsort(torch.cat(groups))
+        return {
+            layer: torch.cat(
+                [_to_width(part[layer], w, width, features.padding_side) for part, w in zip(parts, widths)]
+            )[restore]
+            for layer in layers
+        }
+
+    def _embed_rows(self, features: Features, layers: Sequence[int | None]) -> dict[int | None, Tensor]:
         deepest = None if any(layer is None for layer in layers) else max(layers)
         features = self.backbone(features, attention=self.attention, num_layers=deepest)
         out: dict[int | None, Tensor] = {}
@@ -161,11 +179,7 @@ class EmbeddingModel(nn.Module):
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, not {batch_size}.")
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        # A backbone on its fast path (e.g. hf_encoder precision=fast) gets batches of
-        # equal token counts; the default keeps sentence-transformers' batches, and with
-        # them its embeddings bit for bit.
-        plan = _token_budget_batches if getattr(self.backbone, "fast_inference", False) else _text_count_batches
-        batches = plan(self.backbone, texts, order, batch_size, prompt)
+        batches = _token_budget_batches(self.backbone, texts, order, batch_size, prompt)
         if show_progress is None:
             show_progress = len(texts) > 4 * batch_size
         from tqdm.auto import tqdm
@@ -302,25 +316,12 @@ class EmbeddingModel(nn.Module):
         )
 
 
-# Texts tokenized per call on the fast path; sorting happens within such a chunk.
+# Texts tokenized per call in encode; sorting by token count happens within such a chunk.
 _TOKENIZE_CHUNK = 4096
-# The fast path's token budget per batch is batch_size times this (padding included):
-# about 2048 tokens at batch_size 64, which keeps matrix products efficient on a CPU
-# while leaving 8% padding on the benchmark sentences (docs/benchmarks.md).
+# encode's token budget per batch is batch_size times this (padding included): about
+# 2048 tokens at batch_size 64, which keeps matrix products efficient on a CPU while
+# leaving 8% padding on the benchmark sentences (docs/benchmarks.md).
 TOKENS_PER_TEXT = 32
-
-
-def _text_count_batches(
-    backbone: Backbone, texts: list[str], order: np.ndarray, batch_size: int, prompt: str | None
-) -> Iterator[tuple[np.ndarray, Features, int]]:
-    """``batch_size`` texts at a time in ``order``, each batch tokenized on its own.
-
-    Yields the batch's positions in ``texts``, its features and how many of its texts
-    were truncated."""
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        features = backbone.tokenize([texts[i] for i in batch], prompt=prompt)
-        yield batch, features, int(features.extra.get("truncated", 0))
 
 
 def _token_budget_batches(
@@ -333,7 +334,12 @@ def _token_budget_batches(
     characters) pads the benchmark sentences by 38%, sorting by tokens under a token
     budget by 8%. Texts are tokenized once, a chunk at a time (a chunk holds texts of
     similar character counts, since ``order`` sorts by them), then sorted by token count
-    and sliced into batches. Yields what :func:`_text_count_batches` yields.
+    and sliced into batches. Only float rounding depends on how texts are grouped (the
+    embeddings stay within 1e-7 of sentence-transformers'), so every precision batches
+    this way.
+
+    Yields each batch's positions in ``texts``, its features and how many of its texts
+    were truncated.
     """
     budget = batch_size * TOKENS_PER_TEXT
     for start in range(0, len(order), _TOKENIZE_CHUNK):
@@ -349,6 +355,58 @@ def _token_budget_batches(
             yield chunk[picked.numpy()], _take_rows(features, picked, longest), truncated
             truncated = 0
             position += len(picked)
+
+
+# What running one more group costs in embed, in tokens of padding it would have to
+# save: a pass's fixed costs (Python, operator dispatch, small-matrix inefficiency) are
+# worth about 256 tokens of a MiniLM forward and backward on a CPU. Accelerators pay
+# more per pass and less per token; 2048 is a guess there, not a measurement.
+_GROUP_OVERHEAD_TOKENS = {"cpu": 256}
+_DEFAULT_GROUP_OVERHEAD_TOKENS = 2048
+
+
+def _group_overhead_tokens(device: torch.device) -> int:
+    return _GROUP_OVERHEAD_TOKENS.get(device.type, _DEFAULT_GROUP_OVERHEAD_TOKENS)
+
+
+def length_groups(lengths: Tensor, overhead: int) -> list[Tensor]:
+    """Split a batch's rows into groups of similar length, each to be padded only to its
+    own longest row.
+
+    Minimises ``sum(rows_in_group * longest_in_group + overhead)`` over the groups: each
+    group costs its padded tokens plus ``overhead`` for running at all. Groups are
+    contiguous runs of the rows sorted by length, and only break where the length
+    changes, which makes the search (dynamic programming) quadratic in the number of
+    distinct lengths, not rows. Returns row-index tensors, longest group first.
+    """
+    order = torch.argsort(lengths.cpu(), descending=True, stable=True)
+    ordered = lengths.cpu()[order].tolist()
+    starts = [i for i in range(len(ordered)) if i == 0 or ordered[i] != ordered[i - 1]]
+    bounds = [*starts, len(ordered)]
+    # cost[j]: cheapest split of the rows before bounds[j]; cut[j]: where its last group starts
+    cost = [0] + [float("inf")] * len(starts)
+    cut = [0] * len(bounds)
+    for j in range(1, len(bounds)):
+        for i in range(j):
+            candidate = cost[i] + (bounds[j] - bounds[i]) * ordered[bounds[i]] + overhead
+            if candidate < cost[j]:
+                cost[j], cut[j] = candidate, i
+    groups: list[Tensor] = []
+    j = len(bounds) - 1
+    while j > 0:
+        groups.append(order[bounds[cut[j]] : bounds[j]])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _to_width(pooled: Tensor, group_width: int, width: int, padding_side: str) -> Tensor:
+    """A group's per-token vectors (``[rows, group_width, dim]``) padded back to the
+    batch's token width on the padding side, so positions line up with the unsplit batch.
+    Anything else (one vector per text, a fixed number per text) is returned as it is."""
+    if pooled.dim() != 3 or pooled.shape[1] != group_width or group_width == width:
+        return pooled
+    filler = pooled.new_zeros(pooled.shape[0], width - pooled.shape[1], pooled.shape[2])
+    return torch.cat([filler, pooled] if padding_side == "left" else [pooled, filler], dim=1)
 
 
 def _take_rows(features: Features, rows: Tensor, width: int) -> Features:

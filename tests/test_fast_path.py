@@ -55,7 +55,6 @@ def test_pure_bf16_weights_fall_below_the_quality_bar_mixed_precision_clears(min
 
 def test_default_precision_leaves_the_model_untouched(tiny_bert_path):
     model = _compose(tiny_bert_path, "fp32")
-    assert model.backbone.fast_inference is False
     assert not any(isinstance(m, hf.InferenceLinear) for m in model.backbone.model.modules())
 
 
@@ -147,7 +146,7 @@ def test_saved_fast_model_keeps_float32_weights_and_its_precision(tiny_bert_path
     texts = ["a cat sat on the mat", "dogs run fast"]
     model.save(tmp_path / "saved")
     loaded = embplex.EmbeddingModel.load(tmp_path / "saved")
-    assert loaded.backbone.precision == "fast" and loaded.backbone.fast_inference
+    assert loaded.backbone.precision == "fast"
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as handle:
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}
     np.testing.assert_allclose(loaded.encode(texts), model.encode(texts), atol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import embplex
+from embplex import model as embplex_model
 from embplex.errors import (
     InputError,
     MissingPluginError,
@@ -257,3 +258,77 @@ def test_multi_vector_pooling_gives_one_set_of_vectors_per_text(tiny_model):
     np.testing.assert_allclose(np.linalg.norm(sets[1], axis=1), 1.0, atol=1e-5)
     alone = tiny_model.encode(TEXTS[1])
     np.testing.assert_allclose(alone, sets[1], atol=1e-5)
+
+
+# -- embed splits a batch into groups of similar length ------------------------------------
+
+UNEVEN = ["short one", "a much longer sentence " * 12, "tiny", "a medium length sentence about cats and dogs"] * 4
+
+
+def _brute_force_cost(lengths: list[int], overhead: int) -> int:
+    """The cheapest split of the sorted lengths into contiguous groups, by trying them all."""
+    ordered = sorted(lengths, reverse=True)
+    best = None
+    for mask in range(2 ** (len(ordered) - 1)):
+        cuts = [0] + [i + 1 for i in range(len(ordered) - 1) if mask >> i & 1] + [len(ordered)]
+        cost = sum((b - a) * ordered[a] + overhead for a, b in zip(cuts, cuts[1:]))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("overhead", [0, 5, 40, 1000])
+def test_length_groups_cover_every_row_once_at_the_least_padding_cost(overhead):
+    generator = torch.Generator().manual_seed(overhead)
+    for _ in range(20):
+        lengths = torch.randint(1, 30, (int(torch.randint(1, 11, (1,), generator=generator)),), generator=generator)
+        groups = embplex_model.length_groups(lengths, overhead)
+        assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+        cost = sum(len(g) * int(lengths[g].max()) + overhead for g in groups)
+        assert cost == _brute_force_cost(lengths.tolist(), overhead)
+
+
+def test_length_groups_keep_an_even_batch_whole_and_split_an_outlier_off():
+    assert len(embplex_model.length_groups(torch.full((64,), 20), 256)) == 1
+    outlier = torch.tensor([200] + [10] * 63)
+    groups = embplex_model.length_groups(outlier, 256)
+    assert [g.tolist() for g in groups] == [[0], list(range(1, 64))]
+
+
+def test_embed_of_an_uneven_batch_equals_one_padded_pass_in_values_and_gradients(tiny_model):
+    features = tiny_model.backbone.tokenize(UNEVEN)
+    lengths = features.attention_mask.sum(dim=1)
+    assert len(embplex_model.length_groups(lengths, embplex_model._group_overhead_tokens(torch.device("cpu")))) > 1
+    tiny_model.eval()  # dropout off, so both computations are deterministic
+
+    def embeddings_and_gradients(embed):
+        tiny_model.zero_grad()
+        out = embed(features, (2, None))
+        ((out[None] * torch.linspace(-1, 1, out[None].shape[1])).sum() + (out[2] ** 2).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    split, split_grads = embeddings_and_gradients(tiny_model.embed)
+    whole, whole_grads = embeddings_and_gradients(tiny_model._embed_rows)
+    for layer in (2, None):
+        torch.testing.assert_close(split[layer], whole[layer], atol=1e-6, rtol=1e-5)
+    assert split_grads.keys() == whole_grads.keys() and split_grads
+    for name in whole_grads:
+        torch.testing.assert_close(split_grads[name], whole_grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_embed_split_keeps_per_token_vectors_at_their_positions(decoders, padding_side):
+    model = embplex.compose(
+        {"name": "hf_decoder", "path": decoders["llama"], "padding_side": padding_side}, pooling="last_token"
+    )
+    model.pooling = TokenVectors()
+    model.eval()
+    features = model.backbone.tokenize(UNEVEN)
+    assert features.padding_side == padding_side
+    assert len(embplex_model.length_groups(features.attention_mask.sum(dim=1), 256)) > 1
+    with torch.no_grad():
+        split = model.embed(features)[None]
+        whole = model._embed_rows(features, (None,))[None]
+    assert split.shape == whole.shape
+    real = features.attention_mask.bool()
+    torch.testing.assert_close(split[real], whole[real], atol=1e-5, rtol=1e-5)
