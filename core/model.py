@@ -114,12 +114,15 @@ class EmbeddingModel(nn.Module):
         widths = [int(lengths[rows].max()) for rows in groups]
         parts = [self._embed_rows(_take_rows(features, rows, w), layers) for rows, w in zip(groups, widths)]
         restore = torch.argsort(torch.cat(groups))
-        return {
-            layer: torch.cat(
-                [_to_width(part[layer], w, width, features.padding_side) for part, w in zip(parts, widths)]
-            )[restore]
-            for layer in layers
-        }
+        out = {}
+        for layer in layers:
+            pooled = [part[layer] for part in parts]
+            # per-token vectors (late interaction) go back to the batch's width; a fixed
+            # number of vectors per text cannot match every group's (distinct) width
+            if all(p.dim() == 3 and p.shape[1] == w for p, w in zip(pooled, widths)):
+                pooled = [_to_width(p, width, features.padding_side) for p in pooled]
+            out[layer] = torch.cat(pooled)[restore]
+        return out
 
     def _embed_rows(self, features: Features, layers: Sequence[int | None]) -> dict[int | None, Tensor]:
         deepest = None if any(layer is None for layer in layers) else max(layers)
@@ -357,10 +360,11 @@ def _token_budget_batches(
             position += len(picked)
 
 
-# What running one more group costs in embed, in tokens of padding it would have to
-# save: a pass's fixed costs (Python, operator dispatch, small-matrix inefficiency) are
-# worth about 256 tokens of a MiniLM forward and backward on a CPU. Accelerators pay
-# more per pass and less per token; 2048 is a guess there, not a measurement.
+# What running one more group costs in embed, in tokens of padding it must save to be
+# worth it: a pass's fixed costs (Python, operator dispatch, smaller matrices). On a CPU
+# a token of a MiniLM forward and backward costs about 0.4 ms, so 256 tokens (~100 ms) is
+# a conservative bound on that fixed work; accelerators pay more per pass and less per
+# token, and 2048 there is a guess. Neither was tuned.
 _GROUP_OVERHEAD_TOKENS = {"cpu": 256}
 _DEFAULT_GROUP_OVERHEAD_TOKENS = 2048
 
@@ -380,33 +384,29 @@ def length_groups(lengths: Tensor, overhead: int) -> list[Tensor]:
     distinct lengths, not rows. Returns row-index tensors, longest group first.
     """
     order = torch.argsort(lengths.cpu(), descending=True, stable=True)
-    ordered = lengths.cpu()[order].tolist()
-    starts = [i for i in range(len(ordered)) if i == 0 or ordered[i] != ordered[i - 1]]
-    bounds = [*starts, len(ordered)]
+    ordered = lengths.cpu()[order].numpy().astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    bounds = np.r_[starts, len(ordered)]
     # cost[j]: cheapest split of the rows before bounds[j]; cut[j]: where its last group starts
-    cost = [0] + [float("inf")] * len(starts)
-    cut = [0] * len(bounds)
+    cost = np.zeros(len(bounds), dtype=np.int64)
+    cut = np.zeros(len(bounds), dtype=np.int64)
     for j in range(1, len(bounds)):
-        for i in range(j):
-            candidate = cost[i] + (bounds[j] - bounds[i]) * ordered[bounds[i]] + overhead
-            if candidate < cost[j]:
-                cost[j], cut[j] = candidate, i
+        candidates = cost[:j] + (bounds[j] - starts[:j]) * ordered[starts[:j]] + overhead
+        cut[j] = int(np.argmin(candidates))
+        cost[j] = candidates[cut[j]]
     groups: list[Tensor] = []
     j = len(bounds) - 1
     while j > 0:
-        groups.append(order[bounds[cut[j]] : bounds[j]])
-        j = cut[j]
+        groups.append(order[int(bounds[cut[j]]) : int(bounds[j])])
+        j = int(cut[j])
     return groups[::-1]
 
 
-def _to_width(pooled: Tensor, group_width: int, width: int, padding_side: str) -> Tensor:
-    """A group's per-token vectors (``[rows, group_width, dim]``) padded back to the
-    batch's token width on the padding side, so positions line up with the unsplit batch.
-    Anything else (one vector per text, a fixed number per text) is returned as it is."""
-    if pooled.dim() != 3 or pooled.shape[1] != group_width or group_width == width:
-        return pooled
-    filler = pooled.new_zeros(pooled.shape[0], width - pooled.shape[1], pooled.shape[2])
-    return torch.cat([filler, pooled] if padding_side == "left" else [pooled, filler], dim=1)
+def _to_width(vectors: Tensor, width: int, padding_side: str) -> Tensor:
+    """A group's per-token vectors (``[rows, tokens, dim]``) padded back to the batch's
+    token width on the padding side, so positions line up with the unsplit batch."""
+    filler = vectors.new_zeros(vectors.shape[0], width - vectors.shape[1], vectors.shape[2])
+    return torch.cat([filler, vectors] if padding_side == "left" else [vectors, filler], dim=1)
 
 
 def _take_rows(features: Features, rows: Tensor, width: int) -> Features:
