@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/run.py train --json
 	$(BIN)/python benchmarks/run.py length --json
 	$(BIN)/python benchmarks/report.py
+	$(BIN)/python benchmarks/report.py --plot
 
 bench-smoke: setup
 	$(BIN)/python benchmarks/run.py encode --smoke

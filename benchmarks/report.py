@@ -1,4 +1,5 @@
-"""Markdown tables from the latest results: ``python benchmarks/report.py``.
+"""Markdown tables from the latest results: ``python benchmarks/report.py``;
+``--plot`` draws the input-length results to ``docs/benchmarks-length.png``.
 
 Reads ``benchmarks/results/{encode,train,length}.json`` (whichever exist) and prints the
 tables that ``docs/benchmarks.md`` quotes, so the document never drifts from the numbers.
@@ -130,7 +131,39 @@ def length_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_length(result: dict[str, Any], path: Path) -> Path:
+    """Throughput and peak memory against input length, one line per encoder."""
+    from matplotlib.figure import Figure
+
+    rows = result["lengths"]
+    lengths = [row["length"] for row in rows]
+    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    speed, memory = figure.subplots(1, 2)
+    for name, style in (("st_fp32", "o--"), ("ours_fp32", "s-"), ("ours_fast", "^-")):
+        speed.plot(lengths, [row[name]["tokens_per_second"] for row in rows], style, label=name)
+        memory.plot(lengths, [row[name]["peak_rss_mib"] for row in rows], style, label=name)
+    for axes, label in ((speed, "tokens/s (median)"), (memory, "peak RSS (MiB)")):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(lengths, [str(n) for n in lengths])
+        axes.set_xlabel("tokens per text")
+        axes.set_ylabel(label)
+        axes.set_ylim(bottom=0)
+        axes.grid(alpha=0.3)
+    speed.legend()
+    figure.suptitle(f"all-MiniLM-L6-v2, batch 64, {result['machine']['usable_cpus']} CPU cores ({result['finished'][:10]})")
+    figure.savefig(path, dpi=110)
+    return path
+
+
 def main() -> int:
+    if "--plot" in sys.argv[1:]:
+        result = _load("length")
+        if result is None:
+            print(f"no length result in {RESULTS}; run python benchmarks/run.py length first", file=sys.stderr)
+            return 1
+        target = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-length.png"
+        print(f"wrote {plot_length(result, target)}")
+        return 0
     found = False
     for name, render in (("encode", encode_tables), ("train", train_table), ("length", length_table)):
         result = _load(name)

@@ -77,6 +77,8 @@ def test_train_benchmark_reports_steps_per_second_and_peak_memory(tmp_path, data
     assert "MultipleNegativesRankingLoss" in result["st"]["trainer"] or result["st"]["trainer"] == "SentenceTransformerTrainer"
     assert result["ratios"]["steps_per_second_ours_vs_st"]["median_of_paired"] > 0
     assert result["ratios"]["peak_rss_ours_over_st"] > 0
+    tokens = result["tokens"]
+    assert tokens["real"] <= tokens["length_groups"] <= tokens["padded_per_batch"]
 
 
 def test_length_benchmark_reports_each_length_for_each_encoder(tmp_path, data_dir):
@@ -88,6 +90,13 @@ def test_length_benchmark_reports_each_length_for_each_encoder(tmp_path, data_di
             figures = row[encoder]
             assert figures["tokens_per_second"] > 0 and figures["peak_rss_mib"] > 0
         assert row["ratios"]["ours_fast_vs_st_fp32"]["median_of_paired"] > 0
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    picture = report.plot_length(result, tmp_path / "length.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_length_benchmark_texts_have_the_exact_token_count(minilm_path):
