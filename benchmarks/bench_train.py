@@ -47,16 +47,38 @@ def _pairs(batch_size: int, steps: int) -> list[tuple[str, str]]:
     return common.snli_pairs(batch_size * steps)
 
 
-def _batch_order(count: int) -> list[int]:
-    """The order our ``random`` sampler visits the pairs in (epoch 0, ``SEED``).
+def _pairs_in_batch_order(batch_size: int, steps: int) -> list[tuple[str, str]]:
+    """The pairs in the order our ``random`` sampler visits them (epoch 0, ``SEED``).
 
     sentence-transformers' trainer gets the pairs in this order without shuffling, so both
     trainers compute the very same batches: a step's cost depends on its longest text
     (every text is padded to it), and with different shuffles one trainer can draw the
     costlier batches (a 2x slower step in a 12-step run was seen)."""
-    from embplex.components import Sampler
+    from embplex.components import Example, TrainingContext
+    from embplex.plugins.sampler.random import RandomSampler
 
-    return Sampler.permutation(count, SEED, 0)
+    pairs = _pairs(batch_size, steps)
+    examples = [Example(anchor=a, positive=p) for a, p in pairs]
+    batches = RandomSampler().batches(examples, batch_size, SEED, 0, TrainingContext())
+    return [pairs[i] for batch in batches for i in batch]
+
+
+class _StepLog:
+    """When each optimizer step ended, and the peak RSS by then; called after every step."""
+
+    def start(self) -> None:
+        self.rss_before = common.current_rss_mib()
+        self.started = time.perf_counter()
+        self.ends: list[float] = []
+        self.peaks: list[float] = []
+
+    def __call__(self, *_: Any, **__: Any) -> None:
+        self.ends.append(time.perf_counter())
+        self.peaks.append(common.peak_rss_mib())
+
+    def figures(self, trainer: str) -> dict[str, Any]:
+        return {"step_ends": [t - self.started for t in self.ends], "peak_rss_at_step_end_mib": self.peaks,
+                "rss_before_training_mib": self.rss_before, "trainer": trainer}
 
 
 def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) -> dict[str, Any]:
@@ -82,14 +104,10 @@ def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) 
         log_every=steps,
         resume=False,
     )
-    ends: list[float] = []
-    peaks: list[float] = []
-    rss_before = common.current_rss_mib()
-    started = time.perf_counter()
-    train(model, examples, loss, sampler, settings, output, registry=registry,
-          callbacks=[lambda info: (ends.append(time.perf_counter()), peaks.append(common.peak_rss_mib()))])
-    return {"step_ends": [t - started for t in ends], "peak_rss_at_step_end_mib": peaks,
-            "rss_before_training_mib": rss_before, "trainer": "embplex.training.train"}
+    log = _StepLog()
+    log.start()
+    train(model, examples, loss, sampler, settings, output, registry=registry, callbacks=[log])
+    return log.figures("embplex.training.train")
 
 
 def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) -> dict[str, Any]:
@@ -104,17 +122,13 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
     torch.manual_seed(SEED)
     model = SentenceTransformer(path, device="cpu")
     loss = MultipleNegativesRankingLoss(model, scale=20.0)
-    pairs = _pairs(batch_size, steps)
-    pairs = [pairs[i] for i in _batch_order(len(pairs))]
-    ends: list[float] = []
-    peaks: list[float] = []
+    pairs = _pairs_in_batch_order(batch_size, steps)
+    log = _StepLog()
     try:
         import accelerate  # noqa: F401  (the trainer needs both)
         import datasets
     except ImportError:
         datasets = None
-    rss_before = common.current_rss_mib()
-    started = time.perf_counter()
     if datasets is not None:
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
         from sentence_transformers.base.sampler import DefaultBatchSampler
@@ -126,8 +140,7 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
 
         class StepTimer(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                ends.append(time.perf_counter())
-                peaks.append(common.peak_rss_mib())
+                log()
 
         dataset = datasets.Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
         arguments = SentenceTransformerTrainingArguments(
@@ -147,8 +160,7 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
             dataloader_drop_last=True,
             batch_sampler=in_given_order,
         )
-        rss_before = common.current_rss_mib()
-        started = time.perf_counter()
+        log.start()
         SentenceTransformerTrainer(
             model=model, args=arguments, train_dataset=dataset, loss=loss, callbacks=[StepTimer()]
         ).train()
@@ -165,6 +177,7 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
             optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
         )
         model.train()
+        log.start()
         for step in range(steps):
             rows = pairs[step * batch_size : (step + 1) * batch_size]
             features = [model.tokenize([r[column] for r in rows]) for column in (0, 1)]
@@ -174,10 +187,8 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            ends.append(time.perf_counter())
-            peaks.append(common.peak_rss_mib())
-    return {"step_ends": [t - started for t in ends], "peak_rss_at_step_end_mib": peaks,
-            "rss_before_training_mib": rss_before, "trainer": trainer}
+            log()
+    return log.figures(trainer)
 
 
 def tokens_computed(batch_size: int, steps: int) -> dict[str, int]:
@@ -188,8 +199,7 @@ def tokens_computed(batch_size: int, steps: int) -> dict[str, int]:
     from embplex.model import _group_overhead_tokens, length_groups
 
     backbone = embplex.compose({"name": "hf_encoder", "path": common.minilm_path()}, pooling="mean").backbone
-    pairs = _pairs(batch_size, steps)
-    pairs = [pairs[i] for i in _batch_order(len(pairs))]
+    pairs = _pairs_in_batch_order(batch_size, steps)
     overhead = _group_overhead_tokens(backbone.model.device)
     real = padded = grouped = 0
     for start in range(0, len(pairs), batch_size):

@@ -383,8 +383,9 @@ def length_groups(lengths: Tensor, overhead: int) -> list[Tensor]:
     changes, which makes the search (dynamic programming) quadratic in the number of
     distinct lengths, not rows. Returns row-index tensors, longest group first.
     """
-    order = torch.argsort(lengths.cpu(), descending=True, stable=True)
-    ordered = lengths.cpu()[order].numpy().astype(np.int64)
+    lengths = lengths.cpu()
+    order = torch.argsort(lengths, descending=True, stable=True)
+    ordered = lengths[order].numpy().astype(np.int64)
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     bounds = np.r_[starts, len(ordered)]
     # cost[j]: cheapest split of the rows before bounds[j]; cut[j]: where its last group starts
