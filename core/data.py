@@ -15,8 +15,15 @@ Formats (``load_training_data`` picks one by ``spec["format"]``):
 * ``sts``: TSV ``sentence1, sentence2, score`` keeping every pair with its score in
   ``Example.scores`` (for losses that learn from scores).
 
-TSV files are read as CSV with tab separators, so fields wrapped in quotes with inner
-quotes doubled, as in the MRPC and STS-B files, come back as the original text.
+TSV quoting, per file kind (``quoting`` option, see :data:`QUOTING`):
+
+* STS files (``sts`` training format and :func:`load_sts`) are plain TSV: no quoting, a
+  ``"`` is part of the text wherever it stands, the first character included. This is how
+  STS-B is distributed and read across the ecosystem (sentence-transformers, MTEB).
+* Pairs and triplets files (``pairs``, ``triplets``) are CSV-quoted TSV by default, as the
+  MRPC files are: a field wrapped in quotes with inner quotes doubled comes back as the
+  original text. Pass ``quoting="none"`` to read a plain TSV file of pairs or triplets as
+  written.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ __all__ = [
 
 DEFAULT_MIN_SCORE = 4.0
 
+# How a TSV file's fields are read: "csv" unquotes CSV-quoted fields, "none" keeps every
+# character as written (plain TSV).
+QUOTING = {"csv": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE}
+
 
 # ---------------------------------------------------------------------------
 # file helpers
@@ -57,16 +68,17 @@ def _existing(path: str | Path, what: str) -> Path:
 
 
 def _read_tsv(
-    path: str | Path, what: str, as_written: bool = False
+    path: str | Path, what: str, quoting: str = "csv"
 ) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
     """The header and the rows (with their line numbers) of a TSV file.
 
-    ``as_written`` keeps quote characters as text instead of CSV-unquoting fields.
+    ``quoting="none"`` keeps quote characters as text; ``"csv"`` unquotes CSV-quoted fields.
     """
+    if quoting not in QUOTING:
+        raise OptionError(f"quoting must be one of {', '.join(QUOTING)}, not {quoting!r} (reading {path}).")
     path = _existing(path, what)
     handle = path.open(newline="", encoding="utf-8")
-    quoting = csv.QUOTE_NONE if as_written else csv.QUOTE_MINIMAL
-    reader = csv.reader(handle, delimiter="\t", quoting=quoting)
+    reader = csv.reader(handle, delimiter="\t", quoting=QUOTING[quoting])
     header = [column.strip() for column in next(reader, [])]
     if not header:
         handle.close()
@@ -137,14 +149,16 @@ def load_pairs_tsv(
     min_score: float | None = None,
     limit: int | None = None,
     task: str | None = None,
+    quoting: str = "csv",
 ) -> list[Example]:
     """Positive pairs from a TSV with a header.
 
     ``sentence1, sentence2, label``: rows with label 1 are kept.
     ``sentence1, sentence2, score``: rows with score >= ``min_score`` are kept
-    (4.0 by default, the usual cut for STS-B's 0-5 scale).
+    (4.0 by default, the usual cut for STS-B's 0-5 scale). Fields are CSV-unquoted unless
+    ``quoting="none"`` (a plain TSV file such as STS-B's).
     """
-    header, rows = _read_tsv(path, "pairs file")
+    header, rows = _read_tsv(path, "pairs file", quoting)
     columns = _require_columns(
         path, header, ("sentence1", "sentence2", "label"), ("sentence1", "sentence2", "score")
     )
@@ -171,8 +185,9 @@ def load_sts_pairs(
     task: str | None = None,
 ) -> list[Example]:
     """Every scored pair of an STS TSV, its score in ``Example.scores`` (``[score]``).
-    Unlike :func:`load_sts`, CSV-quoted fields are unquoted: training sees clean text."""
-    header, rows = _read_tsv(path, "STS file")
+    Fields are read as written (plain TSV), exactly as :func:`load_sts` reads them for
+    evaluation, so training and evaluation see the same text."""
+    header, rows = _read_tsv(path, "STS file", quoting="none")
     _require_columns(path, header, ("sentence1", "sentence2", "score"))
     task = task or Path(path).stem
     examples = []
@@ -187,9 +202,12 @@ def load_sts_pairs(
     return _limited(examples, limit)
 
 
-def load_triplets_tsv(path: str | Path, limit: int | None = None, task: str | None = None) -> list[Example]:
-    """(anchor, positive, one hard negative) from a TSV ``anchor, positive, negative``."""
-    header, rows = _read_tsv(path, "triplets file")
+def load_triplets_tsv(
+    path: str | Path, limit: int | None = None, task: str | None = None, quoting: str = "csv"
+) -> list[Example]:
+    """(anchor, positive, one hard negative) from a TSV ``anchor, positive, negative``.
+    Fields are CSV-unquoted unless ``quoting="none"``."""
+    header, rows = _read_tsv(path, "triplets file", quoting)
     _require_columns(path, header, ("anchor", "positive", "negative"))
     task = task or Path(path).stem
     examples = []
@@ -297,11 +315,11 @@ def _flagembedding_examples(
 def load_sts(path: str | Path) -> tuple[list[str], list[str], list[float]]:
     """``(sentences1, sentences2, scores)`` from a TSV ``sentence1, sentence2, score``.
 
-    Fields are read as written, quote characters included: that is how the reference
-    scores in ``../shared/data/README.md`` were measured (and how sentence-transformers'
-    STS-B examples read the file), so our Spearman is comparable to them.
+    Fields are read as written (plain TSV, quote characters are text): that is how the
+    reference scores in ``../shared/data/README.md`` were measured (and how
+    sentence-transformers' STS-B examples and MTEB read the file).
     """
-    header, rows = _read_tsv(path, "STS file", as_written=True)
+    header, rows = _read_tsv(path, "STS file", quoting="none")
     _require_columns(path, header, ("sentence1", "sentence2", "score"))
     first, second, scores = [], [], []
     for line, row in rows:
@@ -373,8 +391,8 @@ def load_training_data(spec: Mapping[str, Any]) -> list[Example]:
     ``{"format": "beir", "path": ".../scifact", "split": "train", "limit": 200}``.
 
     Keys besides ``format`` and ``path`` are the chosen loader's options:
-    ``pairs``/``sts``: ``min_score``, ``limit``, ``task``; ``triplets``: ``limit``,
-    ``task``; ``beir``: ``split``, ``limit``, ``task``; ``flagembedding``:
+    ``pairs``: ``min_score``, ``limit``, ``task``, ``quoting``; ``sts``: ``min_score``,
+    ``limit``, ``task``; ``triplets``: ``limit``, ``task``, ``quoting``; ``beir``: ``split``, ``limit``, ``task``; ``flagembedding``:
     ``max_negatives``, ``limit``. A ``name`` key (the config's own name) is ignored.
     """
     import inspect

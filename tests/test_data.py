@@ -22,6 +22,13 @@ from embplex.data import (
 from embplex.errors import InputError, ModelFileError, OptionError
 
 
+def _plain_rows(path):
+    """Rows of a plain (unquoted) TSV file, split by hand."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
+
+
 def _raw_rows(path):
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle, delimiter="\t"))
@@ -45,10 +52,10 @@ def test_mrpc_pairs_keep_only_paraphrases_and_unquote_fields(data_dir):
 
 def test_stsb_pairs_keep_scores_of_at_least_min_score(data_dir):
     path = data_dir / "sts/stsb/train.tsv"
-    rows = _raw_rows(path)
-    default = load_pairs_tsv(path)
+    rows = _plain_rows(path)
+    default = load_pairs_tsv(path, quoting="none")
     assert len(default) == sum(float(r["score"]) >= 4.0 for r in rows)
-    stricter = load_pairs_tsv(path, min_score=4.8)
+    stricter = load_pairs_tsv(path, min_score=4.8, quoting="none")
     assert 0 < len(stricter) < len(default)
     assert len(stricter) == sum(float(r["score"]) >= 4.8 for r in rows)
 
@@ -64,14 +71,73 @@ def test_sts_pairs_keep_every_pair_with_its_score(data_dir):
     first, second, scores = load_sts(path)
     assert len(examples) == len(first) == 1500
     assert [e.scores for e in examples] == [[s] for s in scores]
-    # evaluation reads fields as written (as the reference harness did); training unquotes
-    def unquote(field):
-        return field[1:-1].replace('""', '"') if field.startswith('"') else field
-
-    assert [e.anchor for e in examples] == [unquote(f) for f in first]
-    assert [e.positive for e in examples] == [unquote(f) for f in second]
-    assert any(f.startswith('"') for f in first + second)
+    # training and evaluation read an STS file the same way: as written
+    assert [(e.anchor, e.positive) for e in examples] == list(zip(first, second))
+    assert [(r["sentence1"], r["sentence2"]) for r in _plain_rows(path)] == list(zip(first, second))
+    assert any('"' in f for f in first + second)
     assert len(load_sts_pairs(path, min_score=4.0)) == sum(s >= 4.0 for s in scores)
+
+
+# -- quoting, per file kind -------------------------------------------------------------
+
+# Texts with a quote inside and at the start: the cases a reader mangles when it guesses
+# the wrong convention.
+QUOTED_TEXTS = ['He said "no" twice.', '"Quoted" at the start.', '"', 'ends with a quote"']
+
+
+def test_sts_files_reach_the_model_exactly_as_written(tmp_path):
+    """STS files are plain TSV: every character, a leading quote included, is text —
+    for evaluation (load_sts), for training (format sts) and through evaluate_sts into
+    the texts the model encodes."""
+    from embplex.evaluation import evaluate_sts
+
+    path = tmp_path / "sts.tsv"
+    lines = ["sentence1\tsentence2\tscore"] + [
+        f"{text}\tplain sentence {i}\t{i}.0" for i, text in enumerate(QUOTED_TEXTS)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    first, second, _ = load_sts(path)
+    assert first == QUOTED_TEXTS
+    assert [e.anchor for e in load_sts_pairs(path)] == QUOTED_TEXTS
+    assert [e.anchor for e in load_training_data({"format": "sts", "path": str(path)})] == QUOTED_TEXTS
+
+    class RecordingModel:
+        seen: list[str] = []
+
+        def encode(self, texts, **options):
+            import numpy as np
+
+            self.seen.extend(texts)
+            return np.stack([np.array([1.0, float(len(t))]) / np.hypot(1.0, len(t)) for t in texts])
+
+    model = RecordingModel()
+    evaluate_sts(model, first, second, [0.0, 1.0, 2.0, 3.0], bootstrap=10)
+    assert set(QUOTED_TEXTS) <= set(model.seen)
+
+
+@pytest.mark.parametrize("kind", ["pairs", "triplets"])
+def test_csv_quoted_pairs_and_triplets_come_back_as_the_original_text(tmp_path, kind):
+    """Pairs and triplets files are CSV-quoted TSV by default (as MRPC's are): a text
+    written by a CSV writer, quotes and all, is read back unchanged; quoting="none" reads a
+    plain TSV file as written."""
+    header = ["sentence1", "sentence2", "label"] if kind == "pairs" else ["anchor", "positive", "negative"]
+    loader = load_pairs_tsv if kind == "pairs" else load_triplets_tsv
+    quoted, plain = tmp_path / "quoted.tsv", tmp_path / "plain.tsv"
+    with quoted.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(header)
+        for text in QUOTED_TEXTS:
+            writer.writerow([text, "other", "1" if kind == "pairs" else "negative"])
+    assert '""' in quoted.read_text()  # the writer really quoted them
+    assert [e.anchor for e in loader(quoted)] == QUOTED_TEXTS
+    plain.write_text(
+        "\t".join(header) + "\n" + "".join(f"{t}\tother\t{'1' if kind == 'pairs' else 'n'}\n" for t in QUOTED_TEXTS),
+        encoding="utf-8",
+    )
+    assert [e.anchor for e in loader(plain, quoting="none")] == QUOTED_TEXTS
+    assert [e.anchor for e in load_training_data({"format": kind, "path": str(plain), "quoting": "none"})] == QUOTED_TEXTS
+    with pytest.raises(OptionError, match="quoting"):
+        loader(plain, quoting="maybe")
 
 
 def test_triplets_have_one_hard_negative(data_dir):
@@ -171,7 +237,7 @@ def test_load_training_data_dispatches_on_format(data_dir):
     assert examples == load_beir_pairs(data_dir / "retrieval/scifact", "train")[:7]
     assert all(isinstance(e, Example) for e in examples)
     sts = load_training_data({"format": "sts", "path": str(data_dir / "sts/stsb/train.tsv"), "min_score": 4.0, "limit": None})
-    assert [(e.anchor, e.positive) for e in sts] == [(e.anchor, e.positive) for e in load_pairs_tsv(data_dir / "sts/stsb/train.tsv")]
+    assert [(e.anchor, e.positive) for e in sts] == [(e.anchor, e.positive) for e in load_pairs_tsv(data_dir / "sts/stsb/train.tsv", quoting="none")]
 
 
 def test_unknown_format_lists_the_formats(tmp_path):
