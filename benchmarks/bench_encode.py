@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parse.add_argument("--repetitions", type=int, default=7, help="timed runs of each encoder")
     parse.add_argument("--sts-pairs", type=int, default=None, help="STS-B test pairs for Spearman (all)")
     parse.add_argument("--quiet-wait", type=float, default=60.0, help="seconds to wait for a quiet machine per repetition")
+    parse.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="measure only the quality columns (cosines, STS-B Spearman) into encode-quality.json; "
+        "they do not depend on machine load, unlike the timings",
+    )
     args = parse.parse_args(argv)
     if args.smoke:
         args.count, args.repetitions, args.sts_pairs, args.quiet_wait = 48, 1, 24, 0.0
@@ -150,6 +156,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, encode in encoders.items():
         a, b = encode(first), encode(second)
         quality["stsb_spearman"][name] = 100 * common.spearman((a * b).sum(axis=1), gold)
+    if args.quality_only:
+        if args.output is None:
+            args.output = common.RESULTS / f"{NAME}-quality{'-smoke' if args.smoke else ''}.json"
+        result = {
+            "benchmark": NAME,
+            "command": "python benchmarks/run.py encode --quality-only" + (" --smoke" if args.smoke else ""),
+            "smoke": args.smoke,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine,
+            "settings": {"model": common.MODEL_NAME, "batch_size": batch_size},
+            "quality": quality,
+        }
+        return common.finish(result, args, NAME)
 
     # -- speed -----------------------------------------------------------------------
     runs = {name: (lambda encode=encode: encode(sentences)) for name, encode in encoders.items()}
