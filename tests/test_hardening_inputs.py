@@ -187,3 +187,56 @@ def test_a_read_only_output_folder_is_one_clear_error(tmp_path, monkeypatch):
         write_results(tmp_path / "results.json", {"spearman": 80.0})
     with pytest.raises(OutputError, match=r"cannot write .*index: Permission denied"):
         ExactIndex(dim=2).save(tmp_path / "index")
+
+
+# -- `embplex index` reuses a saved index only when it is the same one ---------------------
+
+
+def test_index_command_reuses_a_verified_index_and_rebuilds_a_stale_one(capsys, tmp_path, tiny_bert_path, monkeypatch):
+    folder = beir_folder(tmp_path / "beir", [*DOCS, {"_id": "d3", "text": "third"}], QUERIES, [("q1", "d1", 1)])
+    out = tmp_path / "out"
+    common = [f"backbone.path={tiny_bert_path}", f"data.eval.path={folder}", "data.eval.split=test", f"output_dir={out}"]
+    encoded: list[int] = []
+    original_encode = embplex.EmbeddingModel.encode
+
+    def counting_encode(self, texts, *args, **kwargs):
+        encoded.append(len(texts))
+        return original_encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(embplex.EmbeddingModel, "encode", counting_encode)
+
+    def index(*extra):
+        encoded.clear()
+        code, stdout, err = run(capsys, "index", *common, *extra)
+        return code, stdout, err, list(encoded)
+
+    code, stdout, err, calls = index()
+    assert code == 0, err
+    assert "building the index: no index saved" in stdout and calls == [3]
+    built_from = json.loads((out / "index" / "manifest.json").read_text())["built_from"]
+    assert set(built_from) == {"model", "corpus", "index"}
+
+    code, stdout, err, calls = index()
+    assert code == 0 and "reusing the saved index" in stdout and calls == [], "nothing encoded again"
+
+    code, stdout, err, calls = index("search.rebuild=true")
+    assert code == 0 and "search.rebuild=true" in stdout and calls == [3]
+
+    code, stdout, err, calls = index("pooling=cls")
+    assert code == 0 and "was built from another model" in stdout and calls == [3]
+
+    code, stdout, err, calls = index("pooling=cls", "index.metric=ip")
+    assert code == 0 and "was built from other index settings" in stdout and calls == [3]
+
+    with (folder / "corpus.jsonl").open("a") as handle:
+        handle.write(json.dumps({"_id": "d4", "text": "fourth"}) + "\n")
+    code, stdout, err, calls = index("pooling=cls", "index.metric=ip")
+    assert code == 0 and "was built from another corpus" in stdout and calls == [4]
+
+    vectors_file = out / "index" / "vectors.safetensors"
+    data = bytearray(vectors_file.read_bytes())
+    data[-2] ^= 0x01
+    vectors_file.write_bytes(bytes(data))
+    code, stdout, err, calls = index("pooling=cls", "index.metric=ip")
+    assert code == 2 and calls == []
+    assert "vectors.safetensors is corrupt: its SHA-256 differs" in err and "search.rebuild=true" in err
