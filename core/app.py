@@ -218,7 +218,7 @@ def index_provenance(cfg: dict[str, Any], model: EmbeddingModel) -> dict[str, An
     node = component_config(cfg, "index") or {}
     return {
         "model": model_fingerprint(model),
-        "corpus": storage.sha256_file(Path(cfg["data"]["eval"]["path"]) / "corpus.jsonl"),
+        "corpus": storage.sha256_file(Path(cfg["data"]["eval"]["path"]).expanduser() / "corpus.jsonl"),
         "index": {"name": node.get("name"), "options": {k: v for k, v in options_of(node).items() if k != "dim"}},
     }
 

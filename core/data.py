@@ -448,7 +448,7 @@ def read_texts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"input file {path} does not exist; encode.input must be a text file, one text per line.")
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8.") from None
     lines = content.split("\n")

@@ -121,7 +121,7 @@ def test_read_texts_refuses_blank_lines_with_their_numbers(tmp_path):
 def test_read_texts_keeps_one_text_per_newline(tmp_path):
     # \u2028 and \x0c split a line for str.splitlines(), which would shift every later row.
     path = tmp_path / "texts.txt"
-    path.write_bytes("a\u2028b\r\nc\x0cd\nlast".encode("utf-8"))
+    path.write_bytes("\ufeffa\u2028b\r\nc\x0cd\nlast".encode("utf-8"))
     assert read_texts(path) == ["a\u2028b", "c\x0cd", "last"]
 
 

@@ -282,3 +282,40 @@ def test_registered_through_the_registry(registry):
     assert isinstance(index, ExactIndex) and index.dim == 3
     with pytest.raises(OptionError, match="chunk_size"):
         registry.create("index", "exact", dim=3, chunksize=5)
+
+
+def test_the_core_verifies_every_plugins_saved_index_even_one_that_loads_carelessly(tmp_path, registry):
+    from embplex import storage
+    from embplex.app import load_index
+    from embplex.components import Index
+    from embplex.registry import ComponentInfo
+
+    class CarelessIndex(Index):
+        """Saves through the core's helper but reads its file back without any check."""
+
+        def __init__(self, dim: int) -> None:
+            self.dim, self.vectors = dim, np.zeros((0, dim), dtype=np.float32)
+
+        def __len__(self) -> int:
+            return len(self.vectors)
+
+        def save(self, path) -> None:
+            with storage.saving_index(path, self, "careless") as root:
+                np.save(root / "vectors.npy", self.vectors)
+
+        @classmethod
+        def load(cls, path) -> "CarelessIndex":
+            vectors = np.load(path / "vectors.npy")
+            index = cls(vectors.shape[1])
+            index.vectors = vectors
+            return index
+
+    registry.add(ComponentInfo("index", "careless", CarelessIndex, "tests.careless", None))
+    index = CarelessIndex(4)
+    index.vectors = random_vectors(3, 4, seed=0)
+    index.save(tmp_path / "idx")
+    assert len(load_index(tmp_path / "idx", registry)) == 3  # the plugin is found from the manifest
+    flip_one_byte(tmp_path / "idx" / "vectors.npy", -1)
+    assert len(CarelessIndex.load(tmp_path / "idx")) == 3, "the plugin alone does not notice"
+    with pytest.raises(ModelFileError, match="vectors.npy is corrupt"):
+        load_index(tmp_path / "idx", registry)
