@@ -46,7 +46,10 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _fsync_directory(folder: Path) -> None:
-    # A rename is durable only once the folder holding it is flushed.
+    # A rename is durable only once the folder holding it is flushed. Windows cannot open
+    # a folder for that (and its renames do not need it).
+    if os.name == "nt":
+        return
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)

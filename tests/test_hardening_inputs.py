@@ -240,3 +240,13 @@ def test_index_command_reuses_a_verified_index_and_rebuilds_a_stale_one(capsys, 
     code, stdout, err, calls = index("pooling=cls", "index.metric=ip")
     assert code == 2 and calls == []
     assert "vectors.safetensors is corrupt: its SHA-256 differs" in err and "search.rebuild=true" in err
+
+
+def test_any_os_error_about_a_file_is_one_line_from_the_cli(capsys, monkeypatch):
+    # e.g. training appending to metrics.csv in a folder that became read-only
+    def read_only_run(argv):
+        raise PermissionError(errno.EACCES, "Permission denied", "/runs/latest/metrics.csv")
+
+    monkeypatch.setitem(embplex.cli.HANDLERS, "train", read_only_run)
+    code, _, err = run(capsys, "train")
+    assert (code, err) == (2, "embplex train: error: /runs/latest/metrics.csv: Permission denied\n")
