@@ -280,7 +280,7 @@ def _saved_index(
     try:
         return load_index(target, registry, name=built_from["index"]["name"], dim=dim), ""
     except ModelFileError as exc:
-        raise ModelFileError(f"{exc} (or run with search.rebuild=true to replace it)") from exc
+        raise ModelFileError(f"{exc} `embplex index search.rebuild=true` replaces it.") from exc
 
 
 def search(model: EmbeddingModel, index: Index, query: str, k: int) -> list[tuple[str, float]]:

@@ -79,7 +79,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except OSError:
+            if old is not None:  # put the previous contents back where they were
+                os.replace(old, path)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         _fsync_directory(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -250,3 +250,21 @@ def test_any_os_error_about_a_file_is_one_line_from_the_cli(capsys, monkeypatch)
     monkeypatch.setitem(embplex.cli.HANDLERS, "train", read_only_run)
     code, _, err = run(capsys, "train")
     assert (code, err) == (2, "embplex train: error: /runs/latest/metrics.csv: Permission denied\n")
+
+
+def test_a_failed_folder_replace_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    with storage.atomic_directory(tmp_path / "model") as root:
+        (root / "weights").write_text("old")
+    real_replace = storage.os.replace
+
+    def staging_cannot_move(source, target):
+        if ".tmp-" in str(source):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(storage.os, "replace", staging_cannot_move)
+    with pytest.raises(OutputError, match="cannot write .*model: Input/output error"):
+        with storage.atomic_directory(tmp_path / "model") as root:
+            (root / "weights").write_text("new")
+    assert (tmp_path / "model" / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
