@@ -6,15 +6,19 @@ registry, so the same runs are available from Python.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from . import storage
 from .components import Index
 from .config import component_config, options_of
-from .errors import InputError
+from .errors import DimensionError, InputError, ModelFileError
 from .model import EmbeddingModel
 from .registry import Registry
 
@@ -48,9 +52,7 @@ def index_factory(cfg: dict[str, Any], registry: Registry) -> Callable[[int], In
 
 
 def output_dir(cfg: dict[str, Any]) -> Path:
-    path = Path(cfg["output_dir"])
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return storage.output_folder(cfg["output_dir"])
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -131,13 +133,17 @@ def run_eval(
 
 
 def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
+    """Embed ``encode.input`` (one text per line, no blank lines) into ``encode.output``.
+
+    Row ``i`` of the ``.npy`` file is line ``i + 1`` of the input; the line numbers are
+    written beside it (:func:`ids_path`), one per row. Both files are written atomically.
+    """
+    from .data import read_texts
+
     settings = cfg["encode"]
     if not settings.get("input"):
         raise InputError("say what to encode: encode.input=<file with one text per line>.")
-    source = Path(settings["input"])
-    if not source.exists():
-        raise InputError(f"input file {source} does not exist.")
-    texts = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = read_texts(settings["input"])
     model = build_model(cfg, registry)
     vectors = model.encode(
         texts,
@@ -147,8 +153,19 @@ def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
         show_progress=True,
     )
     target = output_dir(cfg) / settings["output"]
-    np.save(target, vectors)
+    # The vectors (the large file, the likely one to fail) replace theirs first; the ids
+    # are staged alongside and replace theirs only once the vectors are in place.
+    with storage.atomic_file(ids_path(target)) as ids_file, storage.atomic_file(target) as vectors_file:
+        ids_file.write("".join(f"{line}\n" for line in range(1, len(texts) + 1)).encode("utf-8"))
+        np.save(vectors_file, vectors, allow_pickle=False)
     return target
+
+
+def ids_path(embeddings: Path) -> Path:
+    """The file beside ``embeddings`` naming each row's source: ``embeddings.ids.txt`` next
+    to ``embeddings.npy``, one id per line; for ``embplex encode`` the id is the input line number."""
+    stem = embeddings.name[: -len(".npy")] if embeddings.name.endswith(".npy") else embeddings.name
+    return embeddings.with_name(f"{stem}.ids.txt")
 
 
 def run_index(
@@ -157,7 +174,12 @@ def run_index(
     model: EmbeddingModel | None = None,
     vectors: np.ndarray | None = None,
 ) -> tuple[Index, dict[str, str]]:
-    """Encode the configured corpus into the configured index and save it."""
+    """The configured corpus in the configured index, saved under ``output_dir/index``.
+
+    A saved index built from the same model, corpus and index settings (its
+    ``built_from``) is loaded, verified, and reused instead of encoding the corpus again;
+    ``search.rebuild=true`` builds it anyway. A stale one is rebuilt, saying why.
+    """
     from .data import load_beir
 
     spec = cfg["data"]["eval"]
@@ -165,13 +187,100 @@ def run_index(
         raise InputError(f"data={cfg['data']['name']} has no corpus to index; use a retrieval data set (e.g. data=scifact).")
     corpus, _, _ = load_beir(spec["path"], spec["split"])
     model = model or build_model(cfg, registry)
+    make_index = index_factory(cfg, registry)
+    target = output_dir(cfg) / "index"
+    built_from = index_provenance(cfg, model)
+    if cfg["search"].get("rebuild"):
+        print(f"building the index (search.rebuild=true): {target} is replaced", flush=True)
+    else:
+        saved, why_not = _saved_index(target, built_from, registry, model.dim)
+        if saved is not None:
+            print(
+                f"reusing the saved index at {target}: same model, corpus and index settings, checksums "
+                "verified (search.rebuild=true builds it again)",
+                flush=True,
+            )
+            return saved, corpus
+        print(f"building the index: {why_not}", flush=True)
     ids = list(corpus)
     if vectors is None:
         vectors = model.encode([corpus[i] for i in ids], batch_size=cfg["eval"]["batch_size"], show_progress=True)
-    index = index_factory(cfg, registry)(model.dim)
+    index = make_index(model.dim)
     index.add(ids, vectors)
-    index.save(output_dir(cfg) / "index")
+    index.built_from = built_from
+    index.save(target)
     return index, corpus
+
+
+def index_provenance(cfg: dict[str, Any], model: EmbeddingModel) -> dict[str, Any]:
+    """What an index of the configured corpus is built from: the model's fingerprint, the
+    corpus file's SHA-256 and the index plugin with its options (stored as ``built_from``)."""
+    node = component_config(cfg, "index") or {}
+    return {
+        "model": model_fingerprint(model),
+        "corpus": storage.sha256_file(Path(cfg["data"]["eval"]["path"]).expanduser() / "corpus.jsonl"),
+        "index": {"name": node.get("name"), "options": {k: v for k, v in options_of(node).items() if k != "dim"}},
+    }
+
+
+def model_fingerprint(model: EmbeddingModel) -> str:
+    """A SHA-256 of what decides a model's vectors: its components (names, options,
+    versions), normalisation, and every parameter and buffer."""
+    digest = hashlib.sha256()
+    description = {"components": model.specs, "normalize": model.normalize}
+    digest.update(json.dumps(description, sort_keys=True, default=str).encode("utf-8"))
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode("utf-8"))
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def load_index(path: str | Path, registry: Registry, name: str | None = None, dim: int | None = None) -> Index:
+    """Load a saved index through the plugin that saved it, after checking it.
+
+    Refuses an index saved by another plugin than ``name`` or of another dimension than
+    ``dim`` (when given), and one whose files differ from the checksums recorded when it
+    was saved; the core checks this for every index plugin, whatever its own ``load`` does.
+    """
+    manifest = storage.read_index_manifest(path)
+    name = name or manifest["index"]
+    storage.verify_index(path, name, dim)
+    loader = getattr(registry.get("index", name).factory, "load", None)
+    if loader is None:
+        raise ModelFileError(f"index plugin '{name}' has no load(path); it cannot read the index saved at {path}.")
+    index = loader(path)
+    if index.dim != manifest["dim"]:
+        raise DimensionError(
+            f"index plugin '{name}' loaded {path} with dimension {index.dim}, but it was saved with "
+            f"dimension {manifest['dim']}; build the index again."
+        )
+    index.built_from = manifest["built_from"]
+    return index
+
+
+def _saved_index(
+    target: Path, built_from: dict[str, Any], registry: Registry, dim: int
+) -> tuple[Index | None, str]:
+    """The index saved at ``target`` when it was built from ``built_from``, else why not.
+
+    A saved index that matches but fails its checksums is an error, not a silent rebuild.
+    """
+    if not target.exists():
+        return None, f"no index saved at {target} yet"
+    try:
+        manifest = storage.read_index_manifest(target)
+    except ModelFileError as exc:
+        return None, f"the folder there cannot be reused ({exc})"
+    saved_from = manifest.get("built_from") or {}
+    changed = [part for part in ("model", "corpus", "index") if saved_from.get(part) != built_from[part]]
+    if changed:
+        what = {"model": "another model", "corpus": "another corpus", "index": "other index settings"}
+        return None, f"the index saved at {target} was built from {' and '.join(what[c] for c in changed)}"
+    try:
+        return load_index(target, registry, name=built_from["index"]["name"], dim=dim), ""
+    except ModelFileError as exc:
+        raise ModelFileError(f"{exc} `embplex index search.rebuild=true` replaces it.") from exc
 
 
 def search(model: EmbeddingModel, index: Index, query: str, k: int) -> list[tuple[str, float]]:
@@ -196,6 +305,7 @@ def run_quickstart(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     evaluation.write_results(output_dir(cfg) / "quickstart.json", {"before": before, "after": after})
     print("4/4 saving the index of the corpus and answering a sample query", flush=True)
     index = built[0]  # the evaluation already embedded the whole corpus: reuse it
+    index.built_from = index_provenance(cfg, model)
     index.save(output_dir(cfg) / "index")
     corpus, _, _ = load_beir(cfg["data"]["eval"]["path"], cfg["data"]["eval"]["split"])
     query = cfg["search"].get("query") or "Vitamin D deficiency is associated with a higher risk of infection."

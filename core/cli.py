@@ -165,6 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbplexError as exc:
         print(f"embplex {command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a file: a bug worth its traceback
+            raise
+        # A file the command could not read or write (permissions, a full disk) that no
+        # embplex check turned into an EmbplexError first: still one line, naming it.
+        print(f"embplex {command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

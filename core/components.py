@@ -431,11 +431,22 @@ class Index:
     ``add(ids, vectors)`` takes ``[n, dim]`` (single vector per item) or a list of
     ``[tokens_i, dim]`` arrays (a set of vectors per item, for multi-vector indexes).
     ``search(queries, k)`` returns a :class:`SearchResult`. ``delete(ids)`` removes items.
-    ``save(path)`` writes atomically; ``load(path)`` is a classmethod.
     Wrong dimensions raise :class:`~embplex.errors.DimensionError`.
+
+    ``save(path)`` writes the folder ``path`` inside
+    ``with embplex.storage.saving_index(path, self, "<name>") as root:``, which makes the
+    save atomic and records the plugin name, ``dim``, ``len(self)``, :attr:`built_from`
+    and a SHA-256 of every file in ``manifest.json``. ``load(path)`` (a classmethod) first
+    calls ``manifest = embplex.storage.verify_index(path, "<name>")``, which refuses an
+    index saved by another plugin or whose bytes changed, and sets
+    ``built_from = manifest["built_from"]`` on the loaded index.
     """
 
     dim: int
+    #: What the vectors were made from (the model's and the corpus's fingerprints), set by
+    #: whoever fills the index and kept through save and load, so a saved index can be
+    #: reused only for the same model and data. ``None`` when unknown.
+    built_from: dict[str, Any] | None = None
 
     def add(self, ids: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray]) -> None:
         raise NotImplementedError

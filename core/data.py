@@ -15,6 +15,17 @@ Formats (``load_training_data`` picks one by ``spec["format"]``):
 * ``sts``: TSV ``sentence1, sentence2, score`` keeping every pair with its score in
   ``Example.scores`` (for losses that learn from scores).
 
+What is refused rather than guessed (an :class:`~embplex.errors.InputError` naming the
+file and line): a score, label or teacher score that is not a finite number (``nan``,
+``inf``); a qrels score that is not a whole number, or a (query, document) pair judged
+twice; a BEIR document or query ``_id`` that appears twice (the first line is named); a
+FlagEmbedding line whose ``pos`` list is empty. Any of these would otherwise change a
+result without a word (a ``nan`` gold score ranks first; a repeated ``_id`` keeps only
+the last document).
+
+:func:`read_texts` reads the input of ``embplex encode``: one text per line, blank lines
+refused, so row ``i`` of the embeddings is always line ``i + 1`` of the file.
+
 TSV quoting, per file kind (``quoting`` option, see :data:`QUOTING`):
 
 * STS files (``sts`` training format and :func:`load_sts`) are plain TSV: no quoting, a
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -46,6 +58,7 @@ __all__ = [
     "load_sts_pairs",
     "load_training_data",
     "load_triplets_tsv",
+    "read_texts",
 ]
 
 DEFAULT_MIN_SCORE = 4.0
@@ -109,10 +122,36 @@ def _require_columns(path: str | Path, header: list[str], *options: tuple[str, .
 
 
 def _number(value: str, path: str | Path, line: int, column: str) -> float:
+    """A TSV field as a finite float, else an error naming the file, line and column."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise InputError(f"{path}, line {line}: {column} {value!r} is not a number.") from None
+    return _finite(number, f"{path}, line {line}", column, value)
+
+
+def _finite(number: float, where: str, column: str, written: Any) -> float:
+    # float() reads "nan" and "inf", and so does json; a nan gold score would rank first.
+    if not math.isfinite(number):
+        raise InputError(f"{where}: {column} {written!r} is not a finite number; fix or remove the line.")
+    return number
+
+
+def _json_number(value: Any, where: str, column: str) -> float:
+    """A number read from JSON (not a bool, not text), finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{where}: {column} {value!r} is not a number.")
+    return _finite(float(value), where, column, value)
+
+
+def _first_seen(seen: dict[str, int], key: str, line: int, where: str, what: str) -> None:
+    """Remember that ``key`` is on ``line``; refuse a key seen on an earlier line."""
+    if key in seen:
+        raise InputError(
+            f"{where}, line {line}: {what} {key!r} already appeared on line {seen[key]}; "
+            "each must appear once (keeping either would silently drop the other)."
+        )
+    seen[key] = line
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -255,6 +294,8 @@ def load_flagembedding_jsonl(
     ``max_negatives`` when set) and scores ``[pos_score, *neg_scores]`` when both are
     given. The task is the file's name without ``.jsonl``. ``type`` and other fields
     (``category``) are read but not kept: :class:`Example` has no place for them.
+    A line whose ``pos`` list is empty, or with a score that is not a finite number, is
+    refused with its file and line (it is never skipped silently).
     """
     path = _existing(path, "FlagEmbedding data")
     _check_limit(limit)
@@ -281,6 +322,8 @@ def _flagembedding_examples(
     negatives = record.get("neg", [])
     if not isinstance(query, str) or not isinstance(positives, list) or not isinstance(negatives, list):
         raise InputError(f"{where}: needs 'query' (text), 'pos' (list of texts) and optionally 'neg' (list).")
+    if not positives:
+        raise InputError(f"{where}: 'pos' is empty, so the line gives no training example; add a positive or remove the line.")
     if max_negatives is not None:
         negatives = negatives[:max_negatives]
     positive_scores = record.get("pos_scores")
@@ -293,7 +336,10 @@ def _flagembedding_examples(
     for i, positive in enumerate(positives):
         scores = None
         if has_scores:
-            scores = [float(positive_scores[i]), *(float(s) for s in negative_scores[: len(negatives)])]
+            scores = [
+                _json_number(positive_scores[i], where, "pos_scores"),
+                *(_json_number(s, where, "neg_scores") for s in negative_scores[: len(negatives)]),
+            ]
         examples.append(
             Example(
                 anchor=query,
@@ -337,26 +383,33 @@ def load_beir(
     ``corpus`` maps document id to ``(title + " " + text).strip()``; ``queries`` holds only
     the queries judged in ``split``; ``qrels`` maps query id to ``{doc id: score}`` with
     every judgement of the split (zeros included), as BEIR's loader keeps them.
+
+    Refused with file, line and id: a document or query ``_id`` that appears twice, a line
+    without ``_id``, a qrels score that is not a whole number, a (query, document) pair
+    judged twice.
     """
     folder = _existing(folder, "BEIR folder")
     qrels_path = _existing(folder / "qrels" / f"{split}.tsv", f"qrels of split '{split}'")
     header, rows = _read_tsv(qrels_path, "qrels file")
     _require_columns(qrels_path, header, ("query-id", "corpus-id", "score"))
     qrels: dict[str, dict[str, int]] = {}
+    judged: dict[str, int] = {}
     for line, row in rows:
         score = _number(row["score"], qrels_path, line, "score")
+        if not score.is_integer():
+            raise InputError(f"{qrels_path}, line {line}: score {row['score']!r} is not a whole-number relevance grade.")
+        pair = f"{row['query-id']} -> {row['corpus-id']}"
+        _first_seen(judged, pair, line, str(qrels_path), "the judgement")
         qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(score)
 
     corpus_path = _existing(folder / "corpus.jsonl", "BEIR corpus")
     corpus = {}
-    for line, record in _read_jsonl(corpus_path):
-        if "_id" not in record:
-            raise InputError(f"{corpus_path}, line {line} has no '_id'.")
+    for doc_id, record in _records_by_id(corpus_path, "document"):
         title = record.get("title") or ""
-        corpus[str(record["_id"])] = (title + " " + (record.get("text") or "")).strip()
+        corpus[doc_id] = (title + " " + (record.get("text") or "")).strip()
 
     queries_path = _existing(folder / "queries.jsonl", "BEIR queries")
-    all_queries = {str(r["_id"]): r.get("text", "") for _, r in _read_jsonl(queries_path) if "_id" in r}
+    all_queries = {query_id: record.get("text", "") for query_id, record in _records_by_id(queries_path, "query")}
     missing = [qid for qid in qrels if qid not in all_queries]
     if missing:
         raise InputError(
@@ -365,6 +418,54 @@ def load_beir(
         )
     queries = {qid: all_queries[qid] for qid in qrels}
     return corpus, queries, qrels
+
+
+def _records_by_id(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(str(_id), record)`` per line of a BEIR JSONL file; every ``_id`` present and unique."""
+    seen: dict[str, int] = {}
+    for line, record in _read_jsonl(path):
+        if "_id" not in record:
+            raise InputError(f"{path}, line {line} has no '_id'.")
+        record_id = str(record["_id"])
+        _first_seen(seen, record_id, line, str(path), f"{what} _id")
+        yield record_id, record
+
+
+# ---------------------------------------------------------------------------
+# texts to encode
+# ---------------------------------------------------------------------------
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of a UTF-8 file with one text per line, in order (``embplex encode``'s input).
+
+    Lines end at ``\n`` only (a trailing ``\r`` is dropped), so the count matches
+    ``wc -l`` even when a text holds other Unicode line separators. A blank or
+    whitespace-only line is refused with its line number rather than skipped: skipping
+    it would shift every later row of the output away from its line.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist; encode.input must be a text file, one text per line.")
+    try:
+        content = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8.") from None
+    lines = content.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no new one
+    texts = [line[:-1] if line.endswith("\r") else line for line in lines]
+    blank = [number for number, text in enumerate(texts, start=1) if not text.strip()]
+    if blank:
+        shown = ", ".join(str(n) for n in blank[:10]) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+        raise InputError(
+            f"{path}: {'line' if len(blank) == 1 else 'lines'} {shown} {'is' if len(blank) == 1 else 'are'} "
+            "blank; every line is one text and one "
+            "row of the output, so remove blank lines or put a text on them."
+        )
+    if not texts:
+        raise InputError(f"{path} is empty; write one text per line.")
+    return texts
 
 
 # ---------------------------------------------------------------------------

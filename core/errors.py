@@ -38,6 +38,11 @@ class ModelFileError(EmbplexError, OSError):
     """A saved model, checkpoint or index that is missing or corrupt."""
 
 
+class OutputError(EmbplexError, OSError):
+    """An output (embeddings, results, an index, a model) that cannot be written: a
+    read-only folder, a full disk. Nothing is left half-written."""
+
+
 class MissingPluginError(EmbplexError):
     """A saved model needs a plugin that is not installed."""
 

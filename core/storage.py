@@ -3,16 +3,58 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import torch
 
-from .errors import ModelFileError
+from .errors import DimensionError, EmbplexError, ModelFileError, OutputError
+
+if TYPE_CHECKING:
+    from .components import Index
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an operating-system error while writing ``path`` (a read-only folder, a full
+    disk) into one :class:`OutputError` that names the path."""
+    try:
+        yield
+    except EmbplexError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputError(
+            f"cannot write {path}: {reason}. Check that its folder is writable and the disk has "
+            "space, or choose another output_dir; nothing was left half-written."
+        ) from exc
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, and the folders holding them, to the disk."""
+    for item in sorted(root.rglob("*")):
+        if item.is_file():
+            with item.open("rb") as handle:
+                os.fsync(handle.fileno())
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_directory(folder)
+
+
+def _fsync_directory(folder: Path) -> None:
+    # A rename is durable only once the folder holding it is flushed. Windows cannot open
+    # a folder for that (and its renames do not need it).
+    if os.name == "nt":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextlib.contextmanager
@@ -22,38 +64,79 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     If anything fails, ``path`` keeps what it had before.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(staging, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield staging
+            _fsync_tree(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except OSError:
+            if old is not None:  # put the previous contents back where they were
+                os.replace(old, path)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_directory(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def output_folder(path: str | Path) -> Path:
+    """Create the folder ``path`` (and its parents) for outputs, or say why it cannot be."""
+    path = Path(path)
+    with _writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write, in ``path``'s folder; on success it is flushed to the disk
+    and replaces ``path`` in one step.
+
+    If anything fails, ``path`` keeps what it had before and the temporary file is
+    removed; an operating-system error (read-only folder, full disk) becomes an
+    :class:`~embplex.errors.OutputError` naming ``path``.
+    """
+    path = Path(path)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, path)
+            _fsync_directory(path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read in blocks (files may be large)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -92,3 +175,96 @@ def load_torch_state(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise ModelFileError(f"{path} is corrupt or not a checkpoint file ({exc}).") from exc
+
+
+# -- saved indexes -----------------------------------------------------------------------
+
+INDEX_MANIFEST = "manifest.json"
+INDEX_MANIFEST_FORMAT = 1
+
+
+@contextlib.contextmanager
+def saving_index(path: str | Path, index: "Index", name: str) -> Iterator[Path]:
+    """Save an index atomically, with a checksum of every file it writes.
+
+    The index plugin writes its files into the yielded (staging) folder; on success the
+    core adds ``manifest.json`` -- the plugin ``name``, ``index.dim``, ``len(index)``,
+    ``index.built_from`` and the SHA-256 of every file -- and the folder replaces ``path``
+    in one step. :func:`verify_index` checks all of it on load::
+
+        with embplex.storage.saving_index(path, self, "exact") as root:
+            save_file({"vectors": ...}, str(root / "vectors.safetensors"))
+    """
+    with atomic_directory(path) as root:
+        yield root
+        checksums = {
+            item.relative_to(root).as_posix(): sha256_file(item)
+            for item in sorted(root.rglob("*"))
+            if item.is_file()
+        }
+        write_json(
+            root / INDEX_MANIFEST,
+            {
+                "format": INDEX_MANIFEST_FORMAT,
+                "index": name,
+                "dim": int(index.dim),
+                "size": len(index),
+                "built_from": getattr(index, "built_from", None),
+                "sha256": checksums,
+            },
+        )
+
+
+def read_index_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of an index saved with :func:`saving_index` (no checksums verified:
+    cheap, for deciding whether a saved index is the one wanted)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelFileError(f"no saved index at {root}: the folder does not exist; build the index first.")
+    manifest_path = root / INDEX_MANIFEST
+    if not manifest_path.exists():
+        raise ModelFileError(
+            f"{root} has no {INDEX_MANIFEST}: it was not saved by embplex's index helper (or was saved "
+            "before indexes recorded checksums), so its contents cannot be verified; build the index again."
+        )
+    manifest = read_json(manifest_path, "index manifest")
+    fields = {"format": int, "index": str, "dim": int, "size": int, "sha256": dict}
+    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(k), t) for k, t in fields.items()):
+        raise ModelFileError(f"{manifest_path} is corrupt (fields {', '.join(fields)} expected); build the index again.")
+    if manifest["format"] != INDEX_MANIFEST_FORMAT:
+        raise ModelFileError(
+            f"{manifest_path} has format {manifest['format']}, this embplex reads format "
+            f"{INDEX_MANIFEST_FORMAT}; build the index again."
+        )
+    return manifest
+
+
+def verify_index(path: str | Path, name: str, dim: int | None = None) -> dict[str, Any]:
+    """Check a saved index before its plugin reads it, and return its manifest.
+
+    Refuses (:class:`~embplex.errors.ModelFileError`, :class:`~embplex.errors.DimensionError`)
+    an index saved by another plugin than ``name``, of another dimension than ``dim``
+    (when given), with a file missing or with bytes that differ from the recorded SHA-256.
+    """
+    root = Path(path)
+    manifest = read_index_manifest(root)
+    if manifest["index"] != name:
+        raise ModelFileError(
+            f"{root} holds an index saved by the '{manifest['index']}' index plugin, not '{name}'; "
+            f"load it with index={manifest['index']}, or build a '{name}' index."
+        )
+    if dim is not None and manifest["dim"] != dim:
+        raise DimensionError(
+            f"{root} holds vectors of dimension {manifest['dim']}, but dimension {dim} was expected "
+            "(a different model?); build the index again with this model."
+        )
+    for relative, expected in manifest["sha256"].items():
+        item = root / relative
+        if not item.is_file():
+            raise ModelFileError(f"{item} is missing from the saved index; build the index again.")
+        if sha256_file(item) != expected:
+            raise ModelFileError(
+                f"{item} is corrupt: its SHA-256 differs from the one recorded in {INDEX_MANIFEST} when the "
+                "index was saved (disk corruption, a partial copy or an edit); build the index again."
+            )
+    return manifest

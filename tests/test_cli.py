@@ -67,13 +67,14 @@ def test_unknown_command_lists_the_commands(capsys):
 
 def test_encode_writes_one_row_per_input_line(capsys, tmp_path, tiny_bert_path):
     source = tmp_path / "texts.txt"
-    source.write_text("first text\nsecond text\n\nthird\n")
+    source.write_text("first text\nsecond text\nthird\n")
     code, out, err = run(
         capsys, "encode", f"backbone.path={tiny_bert_path}", f"encode.input={source}", f"output_dir={tmp_path}"
     )
     assert code == 0, err
     vectors = np.load(tmp_path / "embeddings.npy")
     assert vectors.shape == (3, 32)
+    assert (tmp_path / "embeddings.ids.txt").read_text().split() == ["1", "2", "3"]  # row i <- input line
     model = embplex.compose({"name": "hf_encoder", "path": tiny_bert_path}, pooling="mean")
     np.testing.assert_allclose(vectors, model.encode(["first text", "second text", "third"]), atol=1e-5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -164,9 +165,12 @@ def test_save_load_round_trip(tmp_path):
     index, ids, vectors = filled(n=57, dim=8, metric="ip", chunk_size=10)
     index.delete(["doc-5"])
     index.save(tmp_path / "idx")
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.json", "vectors.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.json", "manifest.json", "vectors.safetensors"]
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert meta["metric"] == "ip" and meta["dim"] == 8 and meta["ids"] == index.ids
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert (manifest["index"], manifest["dim"], manifest["size"]) == ("exact", 8, 56)
+    assert set(manifest["sha256"]) == {"index.json", "vectors.safetensors"}
 
     loaded = ExactIndex.load(tmp_path / "idx")
     assert (loaded.dim, loaded.metric, loaded.chunk_size, len(loaded)) == (8, "ip", 10, 56)
@@ -198,7 +202,10 @@ def test_load_missing_folder_or_file(tmp_path):
     with pytest.raises(ModelFileError, match="missing"):
         ExactIndex.load(tmp_path / "idx")
     (tmp_path / "idx" / "index.json").unlink()
-    with pytest.raises(ModelFileError, match="not found"):
+    with pytest.raises(ModelFileError, match="index.json is missing"):
+        ExactIndex.load(tmp_path / "idx")
+    (tmp_path / "idx" / "manifest.json").unlink()
+    with pytest.raises(ModelFileError, match="no manifest.json"):
         ExactIndex.load(tmp_path / "idx")
 
 
@@ -217,9 +224,54 @@ def test_load_corrupt_files(tmp_path):
 
     index.save(tmp_path / "idx")
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    meta["ids"] = meta["ids"][:-1]  # ids and vectors disagree
-    (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
+    meta["ids"] = meta["ids"][:-1]  # ids and vectors disagree, checksum updated to match
+    rewrite_consistently(tmp_path / "idx", "index.json", json.dumps(meta).encode())
     with pytest.raises(ModelFileError, match="does not match"):
+        ExactIndex.load(tmp_path / "idx")
+
+
+def rewrite_consistently(folder, name, content: bytes) -> None:
+    """Replace a file of a saved index and its recorded checksum, as a careful forger would."""
+    (folder / name).write_bytes(content)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"][name] = hashlib.sha256(content).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def flip_one_byte(path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_vector_bytes_are_detected_on_load(tmp_path):
+    # One flipped bit in a float keeps the file a valid safetensors file with a plausible
+    # vector: only the checksum recorded at save time can tell.
+    index, _, vectors = filled(n=20, dim=8)
+    index.save(tmp_path / "idx")
+    vectors_file = tmp_path / "idx" / "vectors.safetensors"
+    flip_one_byte(vectors_file, len(vectors_file.read_bytes()) - 3)
+    with pytest.raises(ModelFileError, match="vectors.safetensors is corrupt: its SHA-256 differs"):
+        ExactIndex.load(tmp_path / "idx")
+
+
+def test_an_index_saved_by_another_plugin_or_of_another_dim_is_refused(tmp_path, registry):
+    from embplex.app import load_index
+    from embplex.storage import verify_index
+
+    index, _, _ = filled(n=6, dim=8)
+    index.built_from = {"model": "m", "corpus": "c"}
+    index.save(tmp_path / "idx")
+    loaded = load_index(tmp_path / "idx", registry, name="exact", dim=8)
+    assert len(loaded) == 6 and loaded.built_from == {"model": "m", "corpus": "c"}
+    with pytest.raises(DimensionError, match="dimension 8, but dimension 16 was expected"):
+        load_index(tmp_path / "idx", registry, name="exact", dim=16)
+    with pytest.raises(ModelFileError, match="saved by the 'exact' index plugin, not 'sign_hamming'"):
+        verify_index(tmp_path / "idx", "sign_hamming")
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest["index"] = "sign_hamming"
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match="saved by the 'sign_hamming' index plugin, not 'exact'"):
         ExactIndex.load(tmp_path / "idx")
 
 
@@ -230,3 +282,40 @@ def test_registered_through_the_registry(registry):
     assert isinstance(index, ExactIndex) and index.dim == 3
     with pytest.raises(OptionError, match="chunk_size"):
         registry.create("index", "exact", dim=3, chunksize=5)
+
+
+def test_the_core_verifies_every_plugins_saved_index_even_one_that_loads_carelessly(tmp_path, registry):
+    from embplex import storage
+    from embplex.app import load_index
+    from embplex.components import Index
+    from embplex.registry import ComponentInfo
+
+    class CarelessIndex(Index):
+        """Saves through the core's helper but reads its file back without any check."""
+
+        def __init__(self, dim: int) -> None:
+            self.dim, self.vectors = dim, np.zeros((0, dim), dtype=np.float32)
+
+        def __len__(self) -> int:
+            return len(self.vectors)
+
+        def save(self, path) -> None:
+            with storage.saving_index(path, self, "careless") as root:
+                np.save(root / "vectors.npy", self.vectors)
+
+        @classmethod
+        def load(cls, path) -> "CarelessIndex":
+            vectors = np.load(path / "vectors.npy")
+            index = cls(vectors.shape[1])
+            index.vectors = vectors
+            return index
+
+    registry.add(ComponentInfo("index", "careless", CarelessIndex, "tests.careless", None))
+    index = CarelessIndex(4)
+    index.vectors = random_vectors(3, 4, seed=0)
+    index.save(tmp_path / "idx")
+    assert len(load_index(tmp_path / "idx", registry)) == 3  # the plugin is found from the manifest
+    flip_one_byte(tmp_path / "idx" / "vectors.npy", -1)
+    assert len(CarelessIndex.load(tmp_path / "idx")) == 3, "the plugin alone does not notice"
+    with pytest.raises(ModelFileError, match="vectors.npy is corrupt"):
+        load_index(tmp_path / "idx", registry)

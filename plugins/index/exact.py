@@ -176,10 +176,11 @@ class ExactIndex(Index):
 
     def save(self, path: str | Path) -> None:
         """Write ``vectors.safetensors`` and ``index.json`` to the folder ``path``,
-        atomically: an interrupted save leaves the previous index in place."""
+        atomically (an interrupted save leaves the previous index in place), with the
+        core's checksummed ``manifest.json``."""
         from safetensors.torch import save_file
 
-        with embplex.storage.atomic_directory(path) as root:
+        with embplex.storage.saving_index(path, self, "exact") as root:
             save_file({"vectors": self._vectors.contiguous()}, str(root / VECTORS_FILE))
             embplex.storage.write_json(
                 root / METADATA_FILE,
@@ -196,8 +197,7 @@ class ExactIndex(Index):
     @classmethod
     def load(cls, path: str | Path) -> "ExactIndex":
         root = Path(path)
-        if not root.is_dir():
-            raise ModelFileError(f"no saved index at {root}: the folder does not exist; save the index there first.")
+        manifest = embplex.storage.verify_index(root, "exact")
         meta = embplex.storage.read_json(root / METADATA_FILE, "index metadata")
         redo = "save the index again."
         if not isinstance(meta, dict) or meta.get("index") != "exact":
@@ -220,6 +220,12 @@ class ExactIndex(Index):
             )
         if len(set(ids)) != len(ids):
             raise ModelFileError(f"{root / METADATA_FILE} lists an id twice; {redo}")
+        if (manifest["dim"], manifest["size"]) != (index.dim, len(ids)):
+            raise ModelFileError(
+                f"{root / METADATA_FILE} describes {len(ids)} vectors of dimension {index.dim}, its manifest "
+                f"{manifest['size']} of dimension {manifest['dim']}; {redo}"
+            )
+        index.built_from = manifest["built_from"]
         index._vectors = vectors
         index._ids = ids
         index._row_of = {item_id: row for row, item_id in enumerate(ids)}
