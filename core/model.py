@@ -71,8 +71,8 @@ class EmbeddingModel(nn.Module):
             EmbeddingModel.compose({"name": "hf_encoder", "path": "..."}, pooling="mean")
 
         Each part may also be a component already built (``attention=MyPolicy(window=4)``);
-        such a model encodes and trains in Python, but cannot be saved, since embplex
-        does not know the options it was built with.
+        such a model encodes, but ``save`` and ``train`` refuse it up front, since embplex
+        does not know the options the part was built with.
         """
         registry = registry or load_registry()
         given = {"backbone": backbone, "attention": attention, "pooling": pooling}
@@ -156,15 +156,16 @@ class EmbeddingModel(nn.Module):
 
     def check_saveable(self) -> None:
         """Refuse, before any work, a model that :meth:`save` could not write: one with a
-        part passed to ``compose`` already built, whose options embplex does not know."""
+        part built outside the registry, whose options embplex does not know."""
         for kind in self._parts():
-            spec = self.specs.get(kind)
-            if spec is None or spec.get("name") is None or spec.get("options") is None:
-                how = f"{{'name': '{spec['name']}', ...its options}}" if spec and spec.get("name") else "a registered plugin name"
+            spec = self.specs.get(kind) or {}
+            if spec.get("name") is None or spec.get("options") is None:
+                name = spec.get("name")
+                how = f"{{'name': '{name}', ...its options}}" if name else "a registered plugin name"
                 raise InputError(
-                    f"the model's {kind} was passed to compose() already built, so embplex does not "
-                    f"know the options it was built with and cannot save it; compose it from {how} "
-                    "to save or train the model."
+                    f"the model's {kind} was passed to compose() already built (or to "
+                    "EmbeddingModel directly), so embplex does not know the options it was built "
+                    f"with and cannot save it; compose it from {how} to save or train the model."
                 )
 
     def _embed_rows(self, features: Features, layers: Sequence[int | None]) -> dict[int | None, Tensor]:
