@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
@@ -30,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .errors import OptionError
 
 if TYPE_CHECKING:
     from .model import EmbeddingModel
@@ -169,13 +172,19 @@ class Backbone(Component):
     """Turns tokens into every layer's hidden states.
 
     Subclasses set ``hidden_size``, ``num_layers`` and ``max_length`` and implement
-    ``tokenize`` and ``forward``. A backbone saves itself at the root of the model
-    directory (that is where sentence-transformers looks for the transformer).
+    ``tokenize`` and ``forward``. ``causal`` says whether the network's own attention is
+    causal (decoder LLMs); an attention policy keeps that unless it declares otherwise.
+    A backbone saves itself at the root of the model directory (that is where
+    sentence-transformers looks for the transformer).
+
+    Layers count from 1: layer ``k`` is the ``k``-th transformer block and its output is
+    ``hidden_states[k]`` (``hidden_states[0]`` is the embedding output, not a layer).
     """
 
     hidden_size: int
     num_layers: int
     max_length: int
+    causal: bool = False
 
     def tokenize(
         self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True
@@ -193,8 +202,12 @@ class Backbone(Component):
         """Run the network and return ``features`` with ``hidden_states`` filled.
 
         :param attention: the attention policy to apply inside every self-attention
-            layer; ``None`` keeps the network's own behaviour.
-        :param num_layers: stop after this many layers (elastic depth); ``None`` runs all.
+            layer; ``None`` keeps the network's own behaviour. The backbone binds it
+            (``attention.bind(self.num_layers, self.causal)``), masks every layer with
+            ``attention.effective_mask(features.attention_mask)`` and calls
+            ``attention.attend`` with layers numbered 1..``num_layers``.
+        :param num_layers: stop after this many layers (elastic depth, 1..``num_layers``);
+            ``None`` runs all.
         """
         raise NotImplementedError
 
@@ -207,31 +220,94 @@ class Backbone(Component):
 class Attention(Component):
     """How tokens see each other inside the backbone.
 
-    Three overridable steps, each called by the backbone for every self-attention layer:
+    Layers count 1..depth, as everywhere in embplex: ``layer`` is ``k`` in the ``k``-th
+    transformer block, whose output ``encode(layer=k)`` pools. A policy composes with the
+    backbone's own mask; it never replaces it:
 
-    * ``mask(padding_mask)`` -> boolean ``[batch, 1, q, k]``; True where a query may
-      attend to a key. The default is bidirectional over real tokens (``causal=False``)
-      or causal (``causal=True``); every token may always see itself, so left-padded
-      rows stay finite.
-    * ``scores(scores, layer)`` rewrites pre-softmax scores ``[batch, heads, q, k]``.
-    * ``probs(probs, layer)`` rewrites post-softmax probabilities.
+    * Padding keys are never seen (each token always sees itself, so left-padded rows
+      stay finite), and a causal backbone (``Backbone.causal``, decoder LLMs) stays causal
+      unless the policy declares ``causal``: ``None`` (the default) keeps the backbone's
+      causality, ``True`` makes every layer causal, ``False`` bidirectional.
+    * ``mask(padding_mask)`` -> boolean ``[batch, 1, q, k]``, True where a query may
+      attend to a key. A policy may narrow it (a window, global tokens); the backbone uses
+      ``effective_mask``: what ``mask`` allows *and* the backbone's own mask allows.
+    * ``scores(scores, layer)`` rewrites the scaled pre-softmax scores
+      ``[batch, heads, q, k]`` (``heads`` = query heads, ``q`` = ``k`` = the batch's token
+      width, dtype of the model's activations). It sees every pair, masked ones included:
+      it runs *before* the mask, and masked pairs are set to the dtype's minimum after it.
+    * ``probs(probs, layer)`` rewrites the probabilities (same shape and dtype; masked
+      keys are 0). Masked keys are set back to 0 after it.
+    * ``attend(query, key, value, mask, scaling, layer, dropout)`` is the whole
+      computation; a policy overriding it must apply ``mask`` itself.
+    * ``layers``: the layers whose attention the policy rewrites (``scores``, ``probs``,
+      ``attend``); ``None`` is every layer. Other layers run plain attention under
+      ``effective_mask``. A policy with a ``layers`` option stores it here; ``bind``
+      refuses a layer the backbone does not have.
 
     When neither ``scores`` nor ``probs`` is overridden the backbone uses a fused kernel
     (``scaled_dot_product_attention``); otherwise it computes attention explicitly.
     """
 
-    causal: bool = False
+    causal: bool | None = None
+    layers: Sequence[int] | None = None
+    depth: int | None = None
+    backbone_causal: bool | None = None
+
+    def bind(self, depth: int, causal: bool) -> None:
+        """Learn the backbone's depth and whether its own attention is causal. The model
+        calls it when composed or loaded, and the backbone before every forward pass;
+        a policy may override it to check more options (call ``super().bind``)."""
+        self.depth, self.backbone_causal = depth, bool(causal)
+        if self.layers is None:
+            return
+        layers = list(self.layers)
+        if not layers:
+            raise OptionError(
+                f"attention option layers=[] selects no layer; set layers=null to rewrite every "
+                f"layer, or name layers between 1 and {depth}."
+            )
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 1 <= layer <= depth:
+                raise OptionError(
+                    f"attention option layers={layers} names layer {layer!r}, but the backbone has "
+                    f"{depth} layers, numbered 1 (the first transformer block) to {depth}."
+                )
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether every layer masks future tokens: ``causal`` when the policy sets it,
+        else the backbone's own attention (known once bound)."""
+        if self.causal is not None:
+            return bool(self.causal)
+        if self.backbone_causal is None:
+            raise RuntimeError(
+                f"{type(self).__name__} keeps the backbone's causality but is not bound to a "
+                "backbone; call bind(depth, causal) first (EmbeddingModel and the backbone do)."
+            )
+        return self.backbone_causal
+
+    def applies_to(self, layer: int) -> bool:
+        """Whether the policy rewrites the attention of ``layer`` (1..depth)."""
+        return self.layers is None or layer in self.layers
 
     def mask(self, padding_mask: Tensor) -> Tensor:
+        """The backbone's own mask under this policy's causality (see ``is_causal``)."""
         keys = padding_mask.bool()[:, None, None, :]
         length = padding_mask.shape[-1]
         allowed = keys.expand(-1, 1, length, length)
-        if self.causal:
+        if self.is_causal:
             allowed = allowed & torch.ones(
                 length, length, dtype=torch.bool, device=padding_mask.device
             ).tril()
         eye = torch.eye(length, dtype=torch.bool, device=padding_mask.device)
         return allowed | eye
+
+    def effective_mask(self, padding_mask: Tensor) -> Tensor:
+        """The mask every layer uses: what ``mask`` allows within the backbone's own mask."""
+        own = Attention.mask(self, padding_mask)
+        if type(self).mask is Attention.mask:
+            return own
+        return self.mask(padding_mask) & own
 
     def scores(self, scores: Tensor, layer: int) -> Tensor:
         return scores
@@ -257,24 +333,38 @@ class Attention(Component):
         """Attention for one layer. ``query`` is ``[batch, heads, q, dim]``; ``key`` and
         ``value`` may have fewer heads (grouped-query attention). Returns the output as
         ``[batch, q, heads, dim]`` and the probabilities when they were computed."""
-        if key.shape[1] != query.shape[1]:
-            repeat = query.shape[1] // key.shape[1]
-            key = key.repeat_interleave(repeat, dim=1)
-            value = value.repeat_interleave(repeat, dim=1)
         if not self.rewrites_scores:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-            )
-            return out.transpose(1, 2).contiguous(), None
+            return fused_attention(query, key, value, mask, scaling, dropout), None
+        key, value = _repeat_heads(query, key, value)
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
         scores = self.scores(scores, layer)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        probs = self.probs(probs, layer)
+        probs = self.probs(probs, layer).masked_fill(~mask, 0.0)
         if dropout and self.training:
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out = torch.matmul(probs, value)
         return out.transpose(1, 2).contiguous(), probs
+
+
+def _repeat_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values with as many heads as the queries (grouped-query attention)."""
+    if key.shape[1] == query.shape[1]:
+        return key, value
+    repeat = query.shape[1] // key.shape[1]
+    return key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+
+
+def fused_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scaling: float, dropout: float = 0.0
+) -> Tensor:
+    """Plain attention under a boolean ``mask`` with the fused kernel, as ``[batch, q,
+    heads, dim]``: what a layer a policy leaves alone computes."""
+    key, value = _repeat_heads(query, key, value)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------

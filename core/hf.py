@@ -15,15 +15,16 @@ import contextvars
 import functools
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from .components import Attention
-from .errors import ModelFileError, OptionError
+from .components import Attention, fused_attention
+from .errors import InputError, ModelFileError, OptionError
 
 ATTENTION_IMPLEMENTATION = "embplex"
-_active_policy: contextvars.ContextVar[Attention | None] = contextvars.ContextVar(
+# The policy in force and the layer number (1..depth) of every module inside each block.
+_active_policy: contextvars.ContextVar[tuple[Attention, dict[int, int]] | None] = contextvars.ContextVar(
     "embplex_attention", default=None
 )
 _BUNDLED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -79,16 +80,24 @@ def _policy_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    policy = _active_policy.get()
-    if policy is None or attention_mask is None or attention_mask.dtype != torch.bool:
+    active = _active_policy.get()
+    if active is None or attention_mask is None or attention_mask.dtype != torch.bool:
         raise RuntimeError(
             "embplex attention was called outside use_attention(); "
             "run the backbone through its forward()."
         )
+    policy, layer_of = active
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    layer = getattr(module, "layer_idx", None)
-    return policy.attend(query, key, value, attention_mask, scaling, -1 if layer is None else layer, dropout)
+    layer = layer_of.get(id(module))
+    if layer is None:
+        raise RuntimeError(
+            f"embplex cannot tell which layer {type(module).__name__} belongs to; "
+            "pass the model's transformer blocks to use_attention()."
+        )
+    if not policy.applies_to(layer):
+        return fused_attention(query, key, value, attention_mask, scaling, dropout), None
+    return policy.attend(query, key, value, attention_mask, scaling, layer, dropout)
 
 
 def _register_interface() -> None:
@@ -98,12 +107,17 @@ def _register_interface() -> None:
 
 
 @contextlib.contextmanager
-def use_attention(model: torch.nn.Module, policy: Attention) -> Iterator[None]:
-    """Route every attention layer of ``model`` through ``policy`` inside the block."""
+def use_attention(
+    model: torch.nn.Module, policy: Attention, blocks: Sequence[torch.nn.Module]
+) -> Iterator[None]:
+    """Route every attention layer of ``model`` through ``policy`` inside the block.
+    ``blocks`` are the model's transformer blocks in order; the attention inside
+    ``blocks[k - 1]`` is layer ``k`` for the policy."""
     _register_interface()
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     previous = {key: cfg._attn_implementation for key, cfg in configs.items()}
-    token = _active_policy.set(policy)
+    layer_of = {id(module): number for number, block in enumerate(blocks, 1) for module in block.modules()}
+    token = _active_policy.set((policy, layer_of))
     try:
         for cfg in configs.values():
             cfg._attn_implementation = ATTENTION_IMPLEMENTATION
@@ -219,6 +233,8 @@ class TransformersBackbone:
     model: Any
     tokenizer: Any
     precision: str = "fp32"
+    num_layers: int
+    causal: bool  # Backbone.causal: whether the network's own attention is causal
 
     def _load(
         self,
@@ -316,11 +332,14 @@ class TransformersBackbone:
 
     @contextlib.contextmanager
     def _depth(self, count: int | None) -> Iterator[None]:
-        if count is None or count >= self.num_layers:
+        if count is not None and not 1 <= count <= self.num_layers:
+            raise InputError(
+                f"cannot stop after {count} layers: the backbone has {self.num_layers} layers, "
+                f"numbered 1 to {self.num_layers}."
+            )
+        if count is None or count == self.num_layers:
             yield
             return
-        if count < 1:
-            raise ValueError(f"cannot stop after {count} layers; pass 1..{self.num_layers}.")
         owner, attribute = self._layer_list()
         blocks = getattr(owner, attribute)
         setattr(owner, attribute, blocks[:count])
@@ -384,8 +403,10 @@ class TransformersBackbone:
             if attention is None:
                 inputs["attention_mask"] = features.attention_mask
             else:
-                inputs["attention_mask"] = attention.mask(features.attention_mask)
-                stack.enter_context(use_attention(self.model, attention))
+                attention.bind(self.num_layers, self.causal)
+                inputs["attention_mask"] = attention.effective_mask(features.attention_mask)
+                owner, attribute = self._layer_list()
+                stack.enter_context(use_attention(self.model, attention, getattr(owner, attribute)))
             output = self.model(**inputs, output_hidden_states=True, return_dict=True)
         return dataclasses.replace(features, hidden_states=tuple(output.hidden_states))
 

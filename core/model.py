@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from .components import Attention, Backbone, Features, Pooling, TrainingBatch
 from .errors import InputError, MissingPluginError, ModelFileError, UnknownComponentError
-from .registry import Registry, load_registry
+from .registry import ComponentInfo, Registry, load_registry
 from .storage import atomic_directory, read_json, write_json
 
 CONFIG_FILE = "embplex.json"
@@ -50,6 +51,8 @@ class EmbeddingModel(nn.Module):
         self.attention = attention
         self.normalize = normalize
         self.specs = specs or {}
+        if attention is not None:  # refuse a policy's bad layers before any work
+            attention.bind(backbone.num_layers, backbone.causal)
         self.eval()  # like transformers' from_pretrained: training is opted into
 
     # -- composition -------------------------------------------------------------------
@@ -57,25 +60,38 @@ class EmbeddingModel(nn.Module):
     @classmethod
     def compose(
         cls,
-        backbone: str | Mapping[str, Any],
-        pooling: str | Mapping[str, Any] = "mean",
-        attention: str | Mapping[str, Any] | None = None,
+        backbone: str | Mapping[str, Any] | Backbone,
+        pooling: str | Mapping[str, Any] | Pooling = "mean",
+        attention: str | Mapping[str, Any] | Attention | None = None,
         normalize: bool = True,
         registry: Registry | None = None,
     ) -> "EmbeddingModel":
         """Build a model from plugin names and options, the same ones the CLI takes::
 
             EmbeddingModel.compose({"name": "hf_encoder", "path": "..."}, pooling="mean")
+
+        Each part may also be a component already built (``attention=MyPolicy(window=4)``);
+        such a model encodes, but ``save`` and ``train`` refuse it up front, since embplex
+        does not know the options the part was built with.
         """
         registry = registry or load_registry()
         given = {"backbone": backbone, "attention": attention, "pooling": pooling}
-        specs = {kind: component_spec(value) for kind, value in given.items() if value is not None}
-        parts = {kind: registry.create(kind, s["name"], **s["options"]) for kind, s in specs.items()}
-        for kind, spec in specs.items():
-            info = registry.get(kind, spec["name"])
-            spec["plugin"] = info.plugin
-            spec["distribution"] = info.distribution.name if info.distribution else None
-            spec["version"] = info.distribution.version if info.distribution else None
+        specs: dict[str, dict[str, Any]] = {}
+        parts: dict[str, Any] = {}
+        for kind, value in given.items():
+            if value is None:
+                continue
+            if isinstance(value, (str, Mapping)):
+                spec = component_spec(value)
+                info = registry.get(kind, spec["name"])
+                parts[kind] = info.create(**spec["options"])
+            else:
+                parts[kind], info = _built_part(kind, value, registry)
+                spec = {"name": info.name if info else None, "options": None}
+            specs[kind] = spec
+            spec["plugin"] = info.plugin if info else None
+            spec["distribution"] = info.distribution.name if info and info.distribution else None
+            spec["version"] = info.distribution.version if info and info.distribution else None
         return cls(
             backbone=parts["backbone"],
             pooling=parts["pooling"],
@@ -102,8 +118,10 @@ class EmbeddingModel(nn.Module):
         """Embeddings at each requested layer from one backbone pass.
 
         ``None`` stands for the last layer. Layers count like ``hidden_states``: layer
-        ``k`` is the output of the ``k``-th transformer block.
+        ``k`` is the output of the ``k``-th transformer block, 1..depth.
         """
+        for layer in layers:
+            self.check_layer(layer, "layers")
         lengths = features.attention_mask.sum(dim=1)
         groups = length_groups(lengths, _group_overhead_tokens(features.input_ids.device))
         if len(groups) == 1:
@@ -123,6 +141,32 @@ class EmbeddingModel(nn.Module):
                 pooled = [_to_width(p, width, features.padding_side) for p in pooled]
             out[layer] = torch.cat(pooled)[restore]
         return out
+
+    def check_layer(self, layer: int | None, option: str = "layer") -> None:
+        """Refuse a layer the backbone does not have, before any layer runs. Layers count
+        1..depth (layer ``k`` is the ``k``-th transformer block); ``None`` is the last."""
+        depth = self.backbone.num_layers
+        if layer is None:
+            return
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 1 <= layer <= depth:
+            raise InputError(
+                f"{option}={layer!r} is not a layer of this model: its backbone has {depth} layers, "
+                f"numbered 1 (the first transformer block) to {depth}; None is the last."
+            )
+
+    def check_saveable(self) -> None:
+        """Refuse, before any work, a model that :meth:`save` could not write: one with a
+        part built outside the registry, whose options embplex does not know."""
+        for kind in self._parts():
+            spec = self.specs.get(kind) or {}
+            if spec.get("name") is None or spec.get("options") is None:
+                name = spec.get("name")
+                how = f"{{'name': '{name}', ...its options}}" if name else "a registered plugin name"
+                raise InputError(
+                    f"the model's {kind} was passed to compose() already built (or to "
+                    "EmbeddingModel directly), so embplex does not know the options it was built "
+                    f"with and cannot save it; compose it from {how} to save or train the model."
+                )
 
     def _embed_rows(self, features: Features, layers: Sequence[int | None]) -> dict[int | None, Tensor]:
         deepest = None if any(layer is None for layer in layers) else max(layers)
@@ -165,13 +209,14 @@ class EmbeddingModel(nn.Module):
         :param convert_to: ``"numpy"`` or ``"torch"``.
         :param truncation: what to do with texts longer than the model accepts:
             ``"warn"`` (truncate and warn), ``"silent"`` or ``"error"``.
-        :param layer: pool at this layer (elastic depth); ``None`` is the last.
+        :param layer: pool at this layer (elastic depth), 1..depth; ``None`` is the last.
         :param dim: keep the first ``dim`` dimensions (Matryoshka), renormalised.
         :returns: ``[texts, dim]``; for a multi-vector pooling (one that returns
             ``[batch, tokens, dim]``) a list with one ``[tokens_i, dim]`` array per text.
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
+        self.check_layer(layer)
         if truncation not in ("warn", "silent", "error"):
             raise InputError(f"truncation must be 'warn', 'silent' or 'error', not {truncation!r}.")
         if convert_to not in ("numpy", "torch"):
@@ -250,6 +295,7 @@ class EmbeddingModel(nn.Module):
         """
         import embplex
 
+        self.check_saveable()
         with atomic_directory(path) as root:
             parts = self._parts()
             for kind, part in parts.items():
@@ -308,7 +354,8 @@ class EmbeddingModel(nn.Module):
             except UnknownComponentError:
                 raise MissingPluginError(_missing_plugin_message(kind, spec, root)) from None
             parts[kind] = info.factory.from_saved(
-                root if kind == "backbone" else root / kind, dict(spec.get("options", {}))
+                root if kind == "backbone" else root / kind,
+                info.factory_arguments(spec.get("options", {})),
             )
         return cls(
             backbone=parts["backbone"],
@@ -428,6 +475,23 @@ def _take_rows(features: Features, rows: Tensor, width: int) -> Features:
         padding_side=features.padding_side,
         extra={key: take(value) for key, value in features.extra.items()},
     )
+
+
+_BASE_CLASSES = {"backbone": Backbone, "attention": Attention, "pooling": Pooling}
+
+
+def _built_part(kind: str, part: Any, registry: Registry) -> tuple[Any, ComponentInfo | None]:
+    """A component given to ``compose`` already built, and the registry entry of its
+    class (``None`` for a class no plugin registered)."""
+    if not isinstance(part, _BASE_CLASSES[kind]):
+        raise InputError(
+            f"{kind} must be a plugin name, a config {{'name': ..., **options}} or a built "
+            f"{_BASE_CLASSES[kind].__name__}, not {type(part).__name__}."
+        )
+    for info in registry.components[kind].values():
+        if info.factory is type(part):
+            return part, info
+    return part, None
 
 
 def _missing_plugin_message(kind: str, spec: dict[str, Any], root: Path) -> str:

@@ -19,9 +19,9 @@ import importlib.metadata
 import inspect
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import pluggy
 
@@ -68,6 +68,9 @@ class ComponentInfo:
     plugin: str
     distribution: Distribution | None
     paper: str | None = None
+    # The registry holding this entry (set by Registry.add): a factory that asks for it
+    # builds its parts from the same plugins, in-process and disabled ones included.
+    registry: "Registry | None" = field(default=None, compare=False, repr=False)
 
     @property
     def requirement(self) -> str | None:
@@ -79,13 +82,43 @@ class ComponentInfo:
         return [
             p.name
             for p in inspect.signature(self.factory).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not _is_registry_parameter(p)
         ]
+
+    @property
+    def wants_registry(self) -> bool:
+        """Whether the factory declares a keyword-only ``registry`` parameter."""
+        return any(_is_registry_parameter(p) for p in inspect.signature(self.factory).parameters.values())
+
+    def factory_arguments(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options``, plus ``registry=`` (the registry holding this entry) when the
+        factory declares a keyword-only ``registry`` parameter."""
+        arguments = dict(options)
+        if self.wants_registry:
+            if REGISTRY_PARAMETER in arguments:
+                raise OptionError(
+                    f"{self.kind} '{self.name}' receives the registry that builds it; "
+                    f"'{REGISTRY_PARAMETER}' is not an option to set. Remove it from the config."
+                )
+            if self.registry is None:
+                raise RuntimeError(
+                    f"{self.kind} '{self.name}' needs the registry that builds it; create it "
+                    "through a Registry (registry.create), not from a detached ComponentInfo."
+                )
+            arguments[REGISTRY_PARAMETER] = self.registry
+        return arguments
 
     def create(self, **options: Any) -> Any:
         """Build the component, rejecting options its factory does not take."""
         check_options(self, options)
-        return self.factory(**options)
+        return self.factory(**self.factory_arguments(options))
+
+
+REGISTRY_PARAMETER = "registry"
+
+
+def _is_registry_parameter(parameter: inspect.Parameter) -> bool:
+    return parameter.name == REGISTRY_PARAMETER and parameter.kind == parameter.KEYWORD_ONLY
 
 
 def check_options(info: ComponentInfo, options: dict[str, Any]) -> None:
@@ -140,6 +173,24 @@ class Registry:
     def create(self, kind: str, name: str, **options: Any) -> Any:
         return self.get(kind, name).create(**options)
 
+    def create_part(self, kind: str, spec: str | Mapping[str, Any], option: str) -> Any:
+        """Build a component named by another component's option: ``spec`` is a plugin
+        name or ``{"name": ..., **options}``. For composite plugins (a loss wrapping
+        losses by name), which receive this registry as their ``registry`` parameter.
+        Errors name ``option`` (e.g. ``"loss.inner"``), the setting the user must fix."""
+        if isinstance(spec, str):
+            name, options = spec, {}
+        elif isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+            name, options = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+        else:
+            raise OptionError(
+                f"{option} must be a {kind} plugin name or a config with a 'name' key, not {spec!r}."
+            )
+        try:
+            return self.create(kind, name, **options)
+        except (UnknownComponentError, OptionError) as exc:
+            raise type(exc)(f"{option}: {exc}") from None
+
     def __iter__(self) -> Iterable[ComponentInfo]:
         for kind in KINDS:
             yield from (self.components[kind][n] for n in self.names(kind))
@@ -153,7 +204,7 @@ class Registry:
                 f"({_describe(info.distribution)}). Uninstall one of them, or disable one "
                 f"with EMBPLEX_DISABLE_PLUGINS."
             )
-        self.components[info.kind][info.name] = info
+        self.components[info.kind][info.name] = replace(info, registry=self)
 
     @staticmethod
     def _check_kind(kind: str) -> None:

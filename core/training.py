@@ -462,6 +462,7 @@ class Trainer:
         callbacks: Sequence[Callable[[StepInfo], None]] = (),
     ) -> None:
         settings.check()
+        model.check_saveable()  # the run ends by saving the model: refuse now, not after training
         self.examples = list(examples)
         if not self.examples:
             raise InputError("no training examples; check the data config.")

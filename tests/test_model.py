@@ -332,3 +332,58 @@ def test_embed_split_keeps_per_token_vectors_at_their_positions(decoders, paddin
     assert split.shape == whole.shape
     real = features.attention_mask.bool()
     torch.testing.assert_close(split[real], whole[real], atol=1e-5, rtol=1e-5)
+
+
+# -- compose takes components already built -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", embplex_model.MODEL_KINDS)
+def test_compose_takes_a_built_component_of_every_kind(tiny_bert_path, registry, kind, tmp_path):
+    by_name = {
+        "backbone": {"name": "hf_encoder", "path": tiny_bert_path},
+        "attention": "causal",
+        "pooling": {"name": "max"},
+    }
+    spec = embplex_model.component_spec(by_name[kind])
+    built = {**by_name, kind: registry.create(kind, spec["name"], **spec["options"])}
+    model = embplex.compose(**built, registry=registry)
+    assert getattr(model, kind) is built[kind]
+    assert model.specs[kind]["name"] == spec["name"]
+    np.testing.assert_allclose(model.encode(TEXTS), embplex.compose(**by_name, registry=registry).encode(TEXTS), atol=1e-6)
+    # embplex does not know the options it was built with: saving is refused, naming the part
+    with pytest.raises(InputError, match=rf"{kind} was passed to compose\(\) already built.*'name': '{spec['name']}'"):
+        model.save(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_compose_takes_a_policy_no_plugin_registered(tiny_bert_path):
+    class FirstTokenSink(embplex.Attention):
+        def scores(self, scores, layer):
+            return scores + torch.nn.functional.pad(torch.full((1,), 5.0), (0, scores.shape[-1] - 1))
+
+    backbone = {"name": "hf_encoder", "path": tiny_bert_path}
+    model = embplex.compose(backbone, attention=FirstTokenSink())
+    assert model.specs["attention"]["name"] is None
+    assert abs(model.encode(TEXTS) - embplex.compose(backbone).encode(TEXTS)).max() > 1e-3
+
+
+def test_compose_refuses_a_component_of_another_kind(tiny_bert_path, registry):
+    with pytest.raises(InputError, match="attention must be a plugin name, a config .* or a built Attention, not MeanPooling"):
+        embplex.compose({"name": "hf_encoder", "path": tiny_bert_path}, attention=registry.create("pooling", "mean"))
+
+
+def test_training_a_model_with_a_built_part_is_refused_before_any_step(tiny_bert_path, registry, tmp_path):
+    from embplex.components import Example
+    from embplex.training import TrainSettings, train
+
+    model = embplex.compose({"name": "hf_encoder", "path": tiny_bert_path}, pooling=registry.create("pooling", "mean"))
+    with pytest.raises(InputError, match="pooling was passed to compose"):
+        train(
+            model,
+            [Example("a cat", "a dog")] * 4,
+            registry.create("loss", "infonce"),
+            registry.create("sampler", "random"),
+            TrainSettings(batch_size=2, max_steps=1),
+            output_dir=tmp_path / "run",
+        )
+    assert not (tmp_path / "run").exists()

@@ -6,7 +6,7 @@ Models: An In-depth Overview (Tao et al., 2024, arXiv:2412.12591). A decoder LLM
 an embedding model by appending EOS to every text (so the last token has read the whole
 text under causal attention), padding on either side with correct position ids, and
 optionally training LoRA adapters. Our version keeps the model's own causal attention
-unless an attention plugin (``causal`` / ``bidirectional``) is composed with it, applies
+under every attention policy except one that declares otherwise (``bidirectional``), applies
 the model's final norm to every layer's output (transformers applies it to the last
 only), so pooling at layer k gives the same vector however the depth was cut, and saves
 LoRA-trained models with the adapters merged into the weights.
@@ -29,6 +29,7 @@ from embplex.hf import TransformersBackbone
 
 class HFDecoder(TransformersBackbone, Backbone):
     auto_class = "AutoModel"
+    causal = True  # the model's own attention: an attention policy keeps it unless it says otherwise
 
     def __init__(
         self,
