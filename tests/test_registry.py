@@ -356,6 +356,57 @@ def test_unknown_option_without_a_close_match_lists_the_options(registry):
         registry.create("pooling", "mean", colour="blue")
 
 
+def test_wrong_type_is_refused_before_the_factory_runs(registry):
+    with pytest.raises(OptionError) as raised:
+        registry.create("pooling", "mean", exclude_instruction="no")
+
+    message = str(raised.value)
+    assert "pooling.exclude_instruction='no' is text" in message
+    assert "pooling 'mean' expects true or false" in message
+
+
+class Picky(Pooling):
+    """A third-party pooling that checks its own option, as docs/writing-plugins.md says."""
+
+    def __init__(self, p: float = 3.0) -> None:
+        super().__init__()
+        if not p > 0:
+            raise OptionError(f"option p must be positive, not {p}.")
+
+
+def failing_factory(p: float = 3.0) -> Pooling:
+    raise ValueError(f"math domain error for p={p}")
+
+
+class PickyPlugin:
+    @embplex.hookimpl
+    def register_poolings(self, register):
+        register("picky", Picky)
+        register("failing", failing_factory)
+
+
+def test_option_error_from_a_factory_names_the_component():
+    registry = embplex.load_registry(entry_points=[], extra_plugins=[("picky-plugin", PickyPlugin())])
+
+    with pytest.raises(OptionError) as raised:
+        registry.create("pooling", "picky", p=-1)
+
+    assert str(raised.value) == "pooling 'picky': option p must be positive, not -1."
+
+
+def test_other_errors_from_a_factory_become_one_line_naming_the_plugin():
+    registry = embplex.load_registry(entry_points=[], extra_plugins=[("picky-plugin", PickyPlugin())])
+
+    with pytest.raises(PluginError) as raised:
+        registry.create("pooling", "failing", p=-1.0)
+
+    message = str(raised.value)
+    assert "pooling 'failing' (plugin 'picky-plugin'" in message
+    assert "failed to build: ValueError: math domain error for p=-1.0" in message
+    assert "\n" not in message
+    assert isinstance(raised.value.__cause__, ValueError), "the cause stays chained for debugging"
+
+
 def test_valid_options_reach_the_factory(registry):
     pooling = registry.create("pooling", "mean", exclude_instruction=False)
     assert pooling.exclude_instruction is False
