@@ -223,6 +223,31 @@ def test_a_second_distribution_claiming_a_builtin_name(site, monkeypatch, capsys
     assert embplex.load_registry().get("pooling", "mean").distribution.name == "embplex-mean-clone"
 
 
+def test_entry_point_name_taken_by_another_distribution_still_loads(site):
+    # pluggy's own loader would silently skip the second plugin named "pooling.mean".
+    install_fake(
+        site,
+        "embplex-mean-variants",
+        "1.0",
+        {"embplex_mean_variants": POOLING_MODULE.format(name="mean_variant")},
+        {"pooling.mean": "embplex_mean_variants"},
+    )
+
+    registry = embplex.load_registry()
+
+    assert registry.get("pooling", "mean").distribution.name == "embplex"
+    variant = registry.get("pooling", "mean_variant")
+    assert variant.distribution == Distribution("embplex-mean-variants", "1.0")
+    # Whichever loads second is told apart by its distribution, in the form that
+    # EMBPLEX_DISABLE_PLUGINS accepts.
+    assert {variant.plugin, registry.get("pooling", "mean").plugin} in (
+        {"pooling.mean", "embplex:pooling.mean"},
+        {"pooling.mean", "embplex-mean-variants:pooling.mean"},
+    )
+    assert variant.selector == "embplex-mean-variants:pooling.mean"
+    assert registry.get("pooling", "mean").selector == "embplex:pooling.mean"
+
+
 def test_same_name_in_different_kinds_is_allowed(site):
     source = """
     import embplex
