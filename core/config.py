@@ -186,6 +186,13 @@ class SearchSection:
     query: str | None
 
 
+@dataclasses.dataclass
+class EvalDataSection:
+    task: Literal["sts", "retrieval"]
+    path: str
+    split: str | None = None
+
+
 def core_schema() -> dict[str, Any]:
     """Each core top-level key and the type or dataclass that describes it."""
     from .training import TrainSettings
@@ -201,7 +208,7 @@ def core_schema() -> dict[str, Any]:
     }
 
 
-# ``data`` is checked by its loaders when read; ``hydra`` may be left in by a Hydra app.
+# ``data`` is checked by ``_check_data``; ``hydra`` may be left in by a Hydra app.
 OTHER_TOP_LEVEL_KEYS = ("data", "hydra")
 
 
@@ -247,6 +254,31 @@ def check_config(cfg: Any, registry: Registry) -> None:
         node = component_config(cfg, kind)
         if node is not None:
             check_options(registry.get(kind, node["name"]), options_of(node))
+    if cfg.get("data") is not None:
+        _check_data(cfg["data"])
+
+
+def _check_data(data: Any) -> None:
+    """``data.train`` against its format's loader, ``data.eval`` against its schema. Other
+    keys of a data config (``name``, ``root``, helpers for interpolation) are free."""
+    from .data import training_loader
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"data must select a data set: data=<name>, not {data!r}.")
+    train = data.get("train")
+    if train is not None:
+        if not isinstance(train, dict):
+            raise ConfigError(f"data.train must be a mapping (format, path, options), not {train!r}.")
+        loader = training_loader(train.get("format"))
+        check_value("data.train.path", train.get("path"), str, "data.train")
+        # A null option means the loader's default, as load_training_data reads it.
+        options = {k: v for k, v in train.items() if k not in ("name", "format", "path") and v is not None}
+        check_arguments(loader, options, owner=f"data format '{train['format']}'", prefix="data.train")
+    evaluation = data.get("eval")
+    if evaluation is not None:
+        if not isinstance(evaluation, dict):
+            raise ConfigError(f"data.eval must be a mapping (task, path, split), not {evaluation!r}.")
+        check_arguments(EvalDataSection, evaluation, owner="data.eval", prefix="data.eval")
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

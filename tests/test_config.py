@@ -177,6 +177,21 @@ def test_an_added_unknown_key_is_refused_with_the_closest_key(registry, override
         compose_config([override], registry=registry)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+data.eval.splitt=dev"], r"Unknown key data\.eval\.splitt: .* Did you mean 'split'\?"),
+        (["+data.train.limt=5"], r"Unknown key data\.train\.limt: data format 'beir' has no option 'limt'\. Did you mean 'limit'\?"),
+        (["data=stsb", "data.train.min_score=high"], r"data\.train\.min_score='high' is text, but data format 'sts' expects a number or null"),
+        (["data.eval.task=ranking"], r"data\.eval\.task='ranking' .* one of 'sts', 'retrieval'"),
+        (["data.train.format=csv"], r"unknown data format 'csv'; data\.train\.format must be one of"),
+    ],
+)
+def test_data_keys_and_values_are_checked_at_composition(registry, overrides, message):
+    with pytest.raises(OptionError, match=message):
+        compose_config(overrides, registry=registry)
+
+
 def test_check_config_takes_a_dictconfig_or_a_dict(registry):
     """The check a Hydra app calls on the config it is handed."""
     from omegaconf import OmegaConf
