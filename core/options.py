@@ -8,8 +8,8 @@ being taken as true.
 
 What is checked: ``bool``, ``int``, ``float`` (an int is fine), ``str``, ``None``,
 ``Literal[...]``, unions (``int | None``), ``list[...]``/``Sequence[...]``/``tuple[...]``
-(a list), ``dict[...]``/``Mapping[...]`` (a mapping) and classes (an instance; a path
-class also takes a string). A parameter without an annotation, ``Any``, an annotation
+(a list), ``dict[...]``/``Mapping[...]`` (a mapping), enums (a member's value or name)
+and classes (an instance; a path class also takes a string). A parameter without an annotation, ``Any``, an annotation
 that does not resolve at run time (e.g. a name imported under ``TYPE_CHECKING``), other
 ``typing`` constructs, and values that are not plain config values (a ``Path`` or a
 tensor passed from Python) are not checked.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import enum
 import inspect
 import os
 import pathlib
@@ -151,6 +152,8 @@ def fits(value: Any, annotation: Any) -> bool:
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(annotation, type):
+        if issubclass(annotation, enum.Enum) and not isinstance(value, (list, dict)):
+            return any(value == member.value or value == member.name for member in annotation)
         if isinstance(value, bool) and annotation is not bool and issubclass(annotation, (int, float)):
             return False
         if isinstance(value, str) and issubclass(annotation, (os.PathLike, pathlib.PurePath)):
@@ -172,6 +175,8 @@ def describe(annotation: Any) -> str:
         return f"a list of {describe(args[0])}" if args and args[0] is not UNCHECKED else "a list"
     if origin in _MAPPINGS or annotation in _MAPPINGS:
         return "a mapping"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(repr(member.value) for member in annotation)
     words = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
     if annotation in words:
         return words[annotation]

@@ -7,6 +7,7 @@ may never name code to import (``_target_``), whether on the command line or in 
 
 from __future__ import annotations
 
+import enum
 import inspect
 import textwrap
 from pathlib import Path
@@ -253,6 +254,32 @@ def test_plugin_options_are_checked_against_the_factory_annotations(third_party)
         compose_config(["pooling=typed", "+pooling.layers=[a]"], registry=third_party)
     with pytest.raises(OptionError, match=r"Unknown key pooling\.moed: .*Did you mean 'mode'"):
         compose_config(["pooling=typed", "+pooling.moed=max"], registry=third_party)
+
+
+class Mode(enum.Enum):
+    SUM = "sum"
+
+
+@pytest.mark.parametrize(
+    "value, annotation, expected",
+    [
+        (True, "bool", True), ("no", "bool", False), (0, "bool", False),
+        (3, "int", True), (True, "int", False), (3, "float", True), (False, "float", False),
+        ("x", "str | None", True), (None, "int | None", True), ("1", "int | None", False),
+        ([1, 2], "list[int]", True), ([1, "a"], "list[int]", False), ("ab", "Sequence[str]", False),
+        ([1, "a"], "tuple[int, str]", True), ([1], "tuple[int, str]", False),
+        ({"r": 8}, "dict[str, int]", True), ({"r": "8"}, "dict[str, int]", False),
+        ("a/b", "Path", True), ("sum", "Mode", True), ("SUM", "Mode", True), ("max", "Mode", False),
+        ("anything", "Any", True), (object(), "int", True),  # a Python object is the factory's business
+    ],
+)
+def test_which_plain_values_fit_which_annotations(value, annotation, expected):
+    from collections.abc import Sequence  # noqa: F401 - named by the annotations above
+    from typing import Any  # noqa: F401
+
+    from embplex.options import fits
+
+    assert fits(value, eval(annotation)) is expected
 
 
 def test_kwargs_and_unresolvable_annotations_are_not_judged(third_party):
