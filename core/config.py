@@ -208,10 +208,6 @@ def core_schema() -> dict[str, Any]:
     }
 
 
-# ``data`` is checked by ``_check_data``; ``hydra`` may be left in by a Hydra app.
-OTHER_TOP_LEVEL_KEYS = ("data", "hydra")
-
-
 def check_config(cfg: Any, registry: Registry) -> None:
     """Refuse a composed config that would not run as written, before any work starts.
 
@@ -231,9 +227,9 @@ def check_config(cfg: Any, registry: Registry) -> None:
     cfg = _plain(cfg)
     refuse_targets(cfg)
     schema = core_schema()
-    known = [*schema, *KINDS, *OTHER_TOP_LEVEL_KEYS]
+    known = [*schema, *KINDS, "data"]
     for key in cfg:
-        if key not in known:
+        if key not in known and key != "hydra":  # a Hydra app may leave its own node in
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(

@@ -274,12 +274,13 @@ class Mode(enum.Enum):
     ],
 )
 def test_which_plain_values_fit_which_annotations(value, annotation, expected):
-    from collections.abc import Sequence  # noqa: F401 - named by the annotations above
-    from typing import Any  # noqa: F401
+    from collections.abc import Sequence
+    from typing import Any
 
     from embplex.options import fits
 
-    assert fits(value, eval(annotation)) is expected
+    names = {"Sequence": Sequence, "Any": Any, "Path": Path, "Mode": Mode}
+    assert fits(value, eval(annotation, names)) is expected
 
 
 def test_kwargs_and_unresolvable_annotations_are_not_judged(third_party):
