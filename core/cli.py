@@ -116,15 +116,30 @@ def cmd_plugins(argv: Sequence[str]) -> int:
         {"plugin": f.name, "distribution": f.distribution.name if f.distribution else None, "error": f.error}
         for f in registry.failed
     ]
+    conflicts = [
+        {
+            "kind": kind,
+            "name": name,
+            "plugins": [
+                {"plugin": info.plugin, "disable": info.selector, "distribution": info.distribution.name if info.distribution else None}
+                for info in sides
+            ],
+            "error": registry.conflict_message(kind, name),
+        }
+        for (kind, name), sides in registry.conflicts.items()
+        if args.kind in (None, kind)
+    ]
     if args.requirements:
         requirements = sorted({f"{r['distribution']}=={r['version']}" for r in rows if r["distribution"]})
         print("\n".join(requirements))
     elif args.json:
-        print(json.dumps({"components": rows, "failed": failed}, indent=2))
+        print(json.dumps({"components": rows, "failed": failed, "conflicts": conflicts}, indent=2))
     else:
         print(_table(rows, ("kind", "name", "plugin", "distribution", "version", "paper")))
         for f in failed:
             print(f"FAILED to load plugin {f['plugin']} ({f['distribution']}): {f['error']}")
+        for conflict in conflicts:
+            print(f"CONFLICT {conflict['error']}")
     return 0
 
 

@@ -7,10 +7,14 @@ config never names code to import: ``_target_`` is refused wherever it appears.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import dataclasses
+import difflib
+import re
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from .errors import EmbplexError, UnsafeConfigError
-from .registry import KINDS, Registry, load_registry
+from .options import check_arguments, check_value
+from .registry import KINDS, Registry, check_options, load_registry
 
 CONFIG_MODULE = "embplex.conf"
 PRIMARY_CONFIG = "embplex"
@@ -44,17 +48,36 @@ def compose_config(
     from omegaconf.errors import OmegaConfBaseException
 
     registry = registry or load_registry()
-    overrides = [*overrides, *_searchpath_override(registry)]
+    given = list(overrides)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=[*given, *_searchpath_override(registry)])
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise ConfigError(_closest_key(exc, given, registry, config_name) or _explain(exc)) from None
     refuse_targets(OmegaConf.to_container(cfg, resolve=False))
     try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        composed: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_explain(exc)) from None
+    check_config(composed, registry)
+    return composed
+
+
+def _closest_key(exc: Exception, overrides: list[str], registry: Registry, config_name: str) -> str | None:
+    """For an override of a key that does not exist, the schema check's message, which
+    names the closest existing key, instead of Hydra's advice to add the key with '+'."""
+    match = re.search(r"Could not override '([^']+)'", str(exc))
+    if match is None:
+        return None
+    key = match.group(1)
+    appended = [f"+{item}" if item.split("=", 1)[0] == key else item for item in overrides]
+    if appended == overrides:
+        return None
+    try:
+        compose_config(appended, registry, config_name)
+    except EmbplexError as checked:
+        return f"Could not override '{key}': {checked}"
+    return None
 
 
 def _explain(exc: Exception) -> str:
@@ -124,3 +147,139 @@ def options_of(node: dict[str, Any]) -> dict[str, Any]:
 
 def iter_groups() -> Iterable[str]:
     return GROUPS
+
+
+# ---------------------------------------------------------------------------
+# The schema: checked before any work starts
+# ---------------------------------------------------------------------------
+# The core sections are described by dataclasses (used for their annotations only; the
+# defaults live in conf/embplex.yaml). ``train`` is described by TrainSettings itself,
+# so a setting added there is known here too. Plugin options are described by their
+# factories' signatures.
+
+
+@dataclasses.dataclass
+class ModelSection:
+    normalize: bool
+    load: str | None
+
+
+@dataclasses.dataclass
+class EncodeSection:
+    batch_size: int
+    input: str | None
+    output: str
+    prompt: str | None
+    truncation: Literal["warn", "silent", "error"]
+
+
+@dataclasses.dataclass
+class EvalSection:
+    batch_size: int
+    output: str
+    bootstrap: int
+
+
+@dataclasses.dataclass
+class SearchSection:
+    k: int
+    query: str | None
+
+
+@dataclasses.dataclass
+class EvalDataSection:
+    task: Literal["sts", "retrieval"]
+    path: str
+    split: str | None = None
+
+
+def core_schema() -> dict[str, Any]:
+    """Each core top-level key and the type or dataclass that describes it."""
+    from .training import TrainSettings
+
+    return {
+        "seed": int,
+        "output_dir": str,
+        "model": ModelSection,
+        "train": TrainSettings,
+        "encode": EncodeSection,
+        "eval": EvalSection,
+        "search": SearchSection,
+    }
+
+
+def check_config(cfg: Any, registry: Registry) -> None:
+    """Refuse a composed config that would not run as written, before any work starts.
+
+    Every key must be known (a typo gets the closest key suggested), every core value must
+    have its schema's type, and every plugin's options must be parameters of its factory
+    with values its annotations allow. Booleans are ``true`` and ``false`` only: Hydra
+    reads ``model.normalize=no`` as the text ``'no'``, which is refused, not taken as true.
+
+    :param cfg: the composed config, as a dict or an OmegaConf ``DictConfig``.
+    :raises ConfigError: an unknown top-level key or a section that is not a mapping.
+    :raises OptionError: an unknown option or a value of the wrong type (key, value and
+        what was expected are named).
+    :raises UnknownComponentError, DuplicateComponentError: a plugin name that is not
+        installed, or that two installed plugins claim.
+    :raises UnsafeConfigError: the config contains ``_target_``.
+    """
+    cfg = _plain(cfg)
+    refuse_targets(cfg)
+    schema = core_schema()
+    known = [*schema, *KINDS, "data"]
+    for key in cfg:
+        if key not in known and key != "hydra":  # a Hydra app may leave its own node in
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown key {key}: the config has no key '{key}'.{hint} "
+                f"Top-level keys: {', '.join(known)}."
+            )
+    for section, expected in schema.items():
+        if section not in cfg:
+            continue
+        if dataclasses.is_dataclass(expected):
+            values = cfg[section]
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section} must be a mapping of settings, not {values!r}.")
+            check_arguments(expected, values, owner=f"the {section} section", prefix=section)
+        else:
+            check_value(section, cfg[section], expected, "the config")
+    for kind in KINDS:
+        node = component_config(cfg, kind)
+        if node is not None:
+            check_options(registry.get(kind, node["name"]), options_of(node))
+    if cfg.get("data") is not None:
+        _check_data(cfg["data"])
+
+
+def _check_data(data: Any) -> None:
+    """``data.train`` against its format's loader, ``data.eval`` against its schema. Other
+    keys of a data config (``name``, ``root``, helpers for interpolation) are free."""
+    from .data import training_loader
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"data must select a data set: data=<name>, not {data!r}.")
+    train = data.get("train")
+    if train is not None:
+        if not isinstance(train, dict):
+            raise ConfigError(f"data.train must be a mapping (format, path, options), not {train!r}.")
+        loader = training_loader(train.get("format"))
+        check_value("data.train.path", train.get("path"), str, "data.train")
+        # A null option means the loader's default, as load_training_data reads it.
+        options = {k: v for k, v in train.items() if k not in ("name", "format", "path") and v is not None}
+        check_arguments(loader, options, owner=f"data format '{train['format']}'", prefix="data.train")
+    evaluation = data.get("eval")
+    if evaluation is not None:
+        if not isinstance(evaluation, dict):
+            raise ConfigError(f"data.eval must be a mapping (task, path, split), not {evaluation!r}.")
+        check_arguments(EvalDataSection, evaluation, owner="data.eval", prefix="data.eval")
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, Mapping) and not hasattr(cfg, "_get_node"):
+        return dict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -487,6 +487,16 @@ _LOADERS: dict[str, Callable[..., list[Example]]] = {
 FORMATS = tuple(_LOADERS)
 
 
+def training_loader(data_format: Any) -> Callable[..., list[Example]]:
+    """The loader of a training data format; its parameters after the path are the
+    format's options (checked against ``data.train`` before any work starts)."""
+    if data_format not in _LOADERS:
+        raise OptionError(
+            f"unknown data format {data_format!r}; data.train.format must be one of: {', '.join(FORMATS)}."
+        )
+    return _LOADERS[data_format]
+
+
 def load_training_data(spec: Mapping[str, Any]) -> list[Example]:
     """Training examples described by a data config such as
     ``{"format": "beir", "path": ".../scifact", "split": "train", "limit": 200}``.
@@ -501,14 +511,10 @@ def load_training_data(spec: Mapping[str, Any]) -> list[Example]:
     spec = dict(spec)
     spec.pop("name", None)
     data_format = spec.pop("format", None)
-    if data_format not in _LOADERS:
-        raise OptionError(
-            f"unknown data format {data_format!r}; data.format must be one of: {', '.join(FORMATS)}."
-        )
+    loader = training_loader(data_format)
     path = spec.pop("path", None)
     if not path:
         raise OptionError(f"data.path is not set; say where the {data_format} data is.")
-    loader = _LOADERS[data_format]
     accepted = [name for name in inspect.signature(loader).parameters if name != "path" and name != "folder"]
     options = {key: value for key, value in spec.items() if value is not None}
     for key in options:

@@ -15,11 +15,19 @@ class UnknownComponentError(EmbplexError, KeyError):
 
 
 class OptionError(EmbplexError, TypeError):
-    """An option a component does not take, or a value of the wrong kind."""
+    """An option a component does not take, or a value of the wrong kind.
+
+    Plugins raise it from a factory to reject a bad option value; say which option, the
+    value and what is allowed. The user sees one line naming the component.
+    """
+
+
+class PluginError(EmbplexError):
+    """A plugin's factory failed with an error other than an :class:`EmbplexError`."""
 
 
 class DuplicateComponentError(EmbplexError):
-    """Two plugins registered the same name for the same kind."""
+    """Two plugins registered the same name for the same kind, and that name was used."""
 
 
 class UnsafeConfigError(EmbplexError):

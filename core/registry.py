@@ -3,17 +3,21 @@
 Plugins are modules named by entry points in the ``embplex`` group (first-party ones
 too). We load them with our own loop rather than pluggy's ``load_setuptools_entrypoints``
 so that one broken plugin is reported instead of aborting start-up, and so that two
-plugins claiming the same name is an error instead of a silent skip.
+plugins claiming the same name is an error instead of a silent skip. That error is
+raised when the name is used, not at start-up, so ``embplex plugins`` still lists both.
 
 Environment variables:
 
-* ``EMBPLEX_PLUGINS``: comma-separated allow-list of entry-point names or distribution
-  names; when set, nothing else loads.
+* ``EMBPLEX_PLUGINS``: comma-separated allow-list of entry-point names (``pooling.mean``),
+  distribution names (``embplex``) or ``distribution:entry-point`` (``embplex:pooling.mean``,
+  one plugin even when two distributions use the same entry-point name); when set,
+  nothing else loads.
 * ``EMBPLEX_DISABLE_PLUGINS``: comma-separated block-list, same names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata
 import inspect
@@ -21,12 +25,13 @@ import os
 import warnings
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import pluggy
 
 from . import hookspecs
-from .errors import DuplicateComponentError, OptionError, UnknownComponentError
+from .errors import DuplicateComponentError, EmbplexError, PluginError, UnknownComponentError
+from .options import check_arguments
 
 ENTRY_POINT_GROUP = "embplex"
 KINDS = ("backbone", "attention", "pooling", "loss", "sampler", "index")
@@ -68,9 +73,21 @@ class ComponentInfo:
     plugin: str
     distribution: Distribution | None
     paper: str | None = None
+    entry_point: str | None = None  # the entry point the plugin was loaded from
     # The registry holding this entry (set by Registry.add): a factory that asks for it
     # builds its parts from the same plugins, in-process and disabled ones included.
     registry: "Registry | None" = field(default=None, compare=False, repr=False)
+
+    @property
+    def selector(self) -> str | None:
+        """The name ``EMBPLEX_DISABLE_PLUGINS`` / ``EMBPLEX_PLUGINS`` take to choose exactly
+        this plugin: ``distribution:entry-point`` (``None`` for an in-process plugin)."""
+        return None if self.entry_point is None else _selector(self.entry_point, self.distribution)
+
+    @property
+    def origin(self) -> str:
+        """Who registered the component, for messages."""
+        return f"plugin '{self.plugin}', {_describe(self.distribution)}"
 
     @property
     def requirement(self) -> str | None:
@@ -111,7 +128,8 @@ class ComponentInfo:
     def create(self, **options: Any) -> Any:
         """Build the component, rejecting options its factory does not take."""
         check_options(self, options)
-        return self.factory(**self.factory_arguments(options))
+        with reported_by(self):
+            return self.factory(**self.factory_arguments(options))
 
 
 REGISTRY_PARAMETER = "registry"
@@ -122,18 +140,30 @@ def _is_registry_parameter(parameter: inspect.Parameter) -> bool:
 
 
 def check_options(info: ComponentInfo, options: dict[str, Any]) -> None:
-    parameters = inspect.signature(info.factory).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        return
-    accepted = info.option_names()
-    for key in options:
-        if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise OptionError(
-                f"{info.kind} '{info.name}' has no option '{key}'.{hint} "
-                f"Its options are: {', '.join(accepted) or '(none)'}."
-            )
+    """Refuse an option the factory does not take or a value its annotation does not allow."""
+    check_arguments(info.factory, options, owner=f"{info.kind} '{info.name}'", prefix=info.kind)
+
+
+@contextlib.contextmanager
+def reported_by(info: ComponentInfo) -> Iterator[None]:
+    """Name the component and its plugin in any error its factory raises.
+
+    An :class:`EmbplexError` (a plugin rejecting an option raises ``OptionError``) keeps its
+    class and gets the component's name in front; anything else becomes a
+    :class:`PluginError` that names the plugin and its distribution, chained to the cause.
+    """
+    try:
+        yield
+    except EmbplexError as exc:
+        named = f"{info.kind} '{info.name}'"
+        if exc.args and isinstance(exc.args[0], str) and named not in exc.args[0]:
+            exc.args = (f"{named}: {exc.args[0]}", *exc.args[1:])
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"{info.kind} '{info.name}' ({info.origin}) failed to build: {type(exc).__name__}: {exc}. "
+            "If an option is wrong, fix it in the config; otherwise report this to the plugin's authors."
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -151,6 +181,7 @@ class Registry:
         default_factory=lambda: {kind: {} for kind in KINDS}
     )
     failed: list[FailedPlugin] = field(default_factory=list)
+    conflicts: dict[tuple[str, str], list[ComponentInfo]] = field(default_factory=dict)
     config_paths: list[str] = field(default_factory=list)
     plugin_manager: pluggy.PluginManager | None = None
 
@@ -160,6 +191,8 @@ class Registry:
 
     def get(self, kind: str, name: str) -> ComponentInfo:
         self._check_kind(kind)
+        if (kind, name) in self.conflicts:
+            raise DuplicateComponentError(self.conflict_message(kind, name))
         try:
             return self.components[kind][name]
         except KeyError:
@@ -196,15 +229,33 @@ class Registry:
             yield from (self.components[kind][n] for n in self.names(kind))
 
     def add(self, info: ComponentInfo) -> None:
-        existing = self.components[info.kind].get(info.name)
+        """Add a component; a name taken twice becomes a conflict, which is an error only
+        when the name is used (so ``embplex plugins`` still runs and shows it)."""
+        key = (info.kind, info.name)
+        existing = self.components[info.kind].pop(info.name, None)
         if existing is not None:
-            raise DuplicateComponentError(
-                f"{info.kind} '{info.name}' is registered twice: by plugin '{existing.plugin}' "
-                f"({_describe(existing.distribution)}) and by plugin '{info.plugin}' "
-                f"({_describe(info.distribution)}). Uninstall one of them, or disable one "
-                f"with EMBPLEX_DISABLE_PLUGINS."
-            )
-        self.components[info.kind][info.name] = replace(info, registry=self)
+            self.conflicts[key] = [existing]
+        if key in self.conflicts:
+            self.conflicts[key].append(info)
+        else:
+            self.components[info.kind][info.name] = replace(info, registry=self)
+
+    def conflict_message(self, kind: str, name: str) -> str:
+        """What a name registered by several plugins is, and how to keep exactly one."""
+        sides = self.conflicts[(kind, name)]
+        who = "; ".join(f"'{info.selector or info.plugin}' ({_describe(info.distribution)})" for info in sides)
+        selectors = [info.selector for info in sides if info.selector]
+        choices = [
+            f"EMBPLEX_DISABLE_PLUGINS={','.join(other for other in selectors if other != keep)} keeps '{keep}'"
+            for keep in selectors
+        ]
+        in_process = [info.plugin for info in sides if info.selector is None]
+        if in_process:
+            choices.append(f"or leave {', '.join(repr(p) for p in in_process)} out of extra_plugins")
+        return (
+            f"{kind} '{name}' is registered by {len(sides)} plugins: {who}. Keep one: "
+            f"{'; '.join(choices)}; or uninstall one of the distributions."
+        )
 
     @staticmethod
     def _check_kind(kind: str) -> None:
@@ -250,11 +301,12 @@ def load_registry(
     registry = Registry(plugin_manager=manager)
     allow = _split_env("EMBPLEX_PLUGINS")
     block = _split_env("EMBPLEX_DISABLE_PLUGINS") or set()
-    distributions: dict[str, Distribution | None] = {}
+    origins: dict[str, tuple[Distribution | None, str | None]] = {}  # plugin -> (distribution, entry point)
 
     for ep in _entry_points() if entry_points is None else entry_points:
         dist = _distribution_of(ep)
-        names = {ep.name} | ({dist.name} if dist else set())
+        selector = _selector(ep.name, dist)
+        names = {ep.name, selector} | ({dist.name} if dist else set())
         if allow is not None and not names & allow:
             continue
         if names & block:
@@ -266,7 +318,7 @@ def load_registry(
             warnings.warn(
                 f"embplex plugin '{ep.name}' ({_describe(dist)}) failed to load and was "
                 f"skipped: {message}. Reinstall or fix it, or disable it with "
-                f"EMBPLEX_DISABLE_PLUGINS={ep.name}.",
+                f"EMBPLEX_DISABLE_PLUGINS={selector}.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -278,19 +330,19 @@ def load_registry(
         if manager.get_plugin(plugin_name) is not None:
             # Two distributions may pick the same entry-point name; load both, so that a
             # clash of component names is reported instead of one plugin vanishing.
-            plugin_name = f"{ep.name}@{dist.name if dist else ep.value}"
+            plugin_name = selector if dist else f"{ep.name}@{ep.value}"
         manager.register(plugin, name=plugin_name)
-        distributions[plugin_name] = dist
+        origins[plugin_name] = (dist, ep.name)
 
     for name, plugin in extra_plugins:
         manager.register(plugin, name=name)
-        distributions[name] = None
+        origins[name] = (None, None)
 
     manager.check_pending()
 
     for kind, hook_name in _HOOK_FOR_KIND.items():
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
-            register = _bound_register(registry, kind, impl.plugin_name, distributions.get(impl.plugin_name))
+            register = _bound_register(registry, kind, impl.plugin_name, *origins.get(impl.plugin_name, (None, None)))
             impl.function(*[register for _ in impl.argnames])
     for impl in manager.hook.register_config_paths.get_hookimpls():
         impl.function(*[registry.config_paths.append for _ in impl.argnames])
@@ -298,14 +350,20 @@ def load_registry(
 
 
 def _bound_register(
-    registry: Registry, kind: str, plugin: str, distribution: Distribution | None
+    registry: Registry, kind: str, plugin: str, distribution: Distribution | None, entry_point: str | None
 ) -> Register:
     def register(name: str, factory: Callable[..., Any], *, paper: str | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"plugin '{plugin}' registered a {kind} without a name")
-        registry.add(ComponentInfo(kind, name, factory, plugin, distribution, paper))
+        registry.add(ComponentInfo(kind, name, factory, plugin, distribution, paper, entry_point))
 
     return register
+
+
+def _selector(entry_point: str, distribution: Distribution | None) -> str:
+    """``distribution:entry-point``: one plugin even when two distributions share an
+    entry-point name (see :attr:`ComponentInfo.selector`)."""
+    return f"{distribution.name}:{entry_point}" if distribution else entry_point
 
 
 def _distribution_of(ep: importlib.metadata.EntryPoint) -> Distribution | None:

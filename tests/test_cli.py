@@ -52,6 +52,11 @@ def test_config_applies_overrides(capsys):
         (("eval", "train.lrr=1"), "Could not override 'train.lrr'"),
         (("eval", "+pooling._target_=os.system"), "never imports code named in a config"),
         (("eval", "pooling.exclude_instructon=false"), "exclude_instructon"),
+        # Refused at composition, before a model is built or data is read.
+        (("train", "data.root=/nowhere", "+encode.promt=query:"), r"Unknown key encode\.promt: .* Did you mean 'prompt'\?"),
+        (("train", "data.root=/nowhere", "+foo=bar"), r"Unknown key foo"),
+        (("train", "data.root=/nowhere", "model.normalize=no"), r"model\.normalize='no' is text, .* true or false"),
+        (("train", "data.root=/nowhere", "pooling.exclude_instruction=maybe"), r"pooling\.exclude_instruction='maybe'"),
     ],
 )
 def test_bad_overrides_exit_2_with_a_clear_message(capsys, args, message):

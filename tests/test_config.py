@@ -7,17 +7,22 @@ may never name code to import (``_target_``), whether on the command line or in 
 
 from __future__ import annotations
 
+import enum
 import inspect
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 import yaml
 
 import embplex
-from embplex.config import ConfigError, compose_config, group_options, refuse_targets
-from embplex.errors import UnsafeConfigError
+from embplex.config import ConfigError, check_config, compose_config, group_options, refuse_targets
+from embplex.errors import OptionError, UnsafeConfigError
 from embplex.registry import KINDS
+
+if TYPE_CHECKING:  # a name only type checkers see: its annotations cannot be judged
+    from somewhere import Unresolvable  # noqa: F401
 
 CONF = Path(embplex.__file__).resolve().parent.parent / "conf"
 if not CONF.is_dir():  # installed from a wheel
@@ -108,6 +113,181 @@ def test_unknown_group_option_lists_the_available_ones(registry):
 def test_unknown_key_is_a_config_error(registry):
     with pytest.raises(ConfigError, match="train.lrr"):
         compose_config(["train.lrr=1"], registry=registry)
+
+
+def test_unknown_key_without_plus_suggests_the_closest_key(registry):
+    with pytest.raises(ConfigError, match=r"Unknown key train\.lrr: .* Did you mean 'lr'\?"):
+        compose_config(["train.lrr=1"], registry=registry)
+    with pytest.raises(ConfigError, match=r"Did you mean 'exclude_instruction'\?"):
+        compose_config(["pooling.exclude_instructon=false"], registry=registry)
+
+
+# ---------------------------------------------------------------------------
+# The schema: checked before any work starts
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.normalize=no", r"model\.normalize='no' is text, but the model section expects true or false"),
+        ("model.normalize='true'", r"model\.normalize='true' is text"),
+        ("model.normalize=1", r"model\.normalize=1 is a whole number, .* true or false"),
+        ("pooling.exclude_instruction=maybe", r"pooling\.exclude_instruction='maybe' is text, but pooling 'mean' expects true or false"),
+        ("train.batch_size=true", r"train\.batch_size=true is a boolean, .* a whole number"),
+        ("train.lr=fast", r"train\.lr='fast' is text, .* a number"),
+        ("encode.truncation=loud", r"encode\.truncation='loud' .* one of 'warn', 'silent', 'error'"),
+        ("search.query=42", r"search\.query=42 is a whole number, .* text or null.*Quote it"),
+        ("backbone.num_layers=2.5", r"backbone\.num_layers=2\.5 is a number, but backbone 'hf_encoder' expects a whole number or null"),
+        ("seed=forty-two", r"seed='forty-two' is text, .* a whole number"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_at_composition(registry, override, message):
+    with pytest.raises(OptionError, match=message):
+        compose_config([override], registry=registry)
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("model.normalize=false", ("model", "normalize"), False),
+        ("model.normalize=TRUE", ("model", "normalize"), True),  # Hydra's booleans ignore case
+        ("train.lr=1", ("train", "lr"), 1),  # a whole number is a number
+        ("search.query='42'", ("search", "query"), "42"),
+        ("backbone.num_layers=null", ("backbone", "num_layers"), None),
+        ("+train.keep_checkpoints=2", ("train", "keep_checkpoints"), 2),
+    ],
+)
+def test_values_of_the_right_type_pass(registry, override, key, value):
+    cfg = compose_config([override], registry=registry)
+    assert cfg[key[0]][key[1]] == value
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+foo=bar", r"Unknown key foo: the config has no key 'foo'\. Top-level keys: seed, output_dir"),
+        ("+seeed=1", r"Unknown key seeed: .* Did you mean 'seed'\?"),
+        ("+encode.promt=query:", r"Unknown key encode\.promt: .* Did you mean 'prompt'\?"),
+        ("+pooling.exclude_instructions=false", r"Unknown key pooling\.exclude_instructions: .* Did you mean 'exclude_instruction'\?"),
+        ("+backbone.lora.r=8", r"Unknown key backbone\.lora: backbone 'hf_encoder' has no option 'lora'"),
+    ],
+)
+def test_an_added_unknown_key_is_refused_with_the_closest_key(registry, override, message):
+    with pytest.raises((ConfigError, OptionError), match=message):
+        compose_config([override], registry=registry)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+data.eval.splitt=dev"], r"Unknown key data\.eval\.splitt: .* Did you mean 'split'\?"),
+        (["+data.train.limt=5"], r"Unknown key data\.train\.limt: data format 'beir' has no option 'limt'\. Did you mean 'limit'\?"),
+        (["data=stsb", "data.train.min_score=high"], r"data\.train\.min_score='high' is text, but data format 'sts' expects a number or null"),
+        (["data.eval.task=ranking"], r"data\.eval\.task='ranking' .* one of 'sts', 'retrieval'"),
+        (["data.train.format=csv"], r"unknown data format 'csv'; data\.train\.format must be one of"),
+    ],
+)
+def test_data_keys_and_values_are_checked_at_composition(registry, overrides, message):
+    with pytest.raises(OptionError, match=message):
+        compose_config(overrides, registry=registry)
+
+
+def test_check_config_takes_a_dictconfig_or_a_dict(registry):
+    """The check a Hydra app calls on the config it is handed."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(registry=registry)
+    check_config(OmegaConf.create(cfg), registry)
+    check_config(cfg, registry)
+
+    cfg["model"]["normalize"] = "no"
+    with pytest.raises(OptionError, match="model.normalize='no'"):
+        check_config(OmegaConf.create(cfg), registry)
+    cfg["model"]["normalize"] = True
+    cfg["encode"]["promt"] = "query: "
+    with pytest.raises(OptionError, match="Did you mean 'prompt'"):
+        check_config(cfg, registry)
+
+
+def test_check_config_refuses_target_and_unknown_plugins(registry):
+    cfg = compose_config(registry=registry)
+    with pytest.raises(UnsafeConfigError):
+        check_config({**cfg, "pooling": {"name": "mean", "_target_": "os.system"}}, registry)
+    with pytest.raises(embplex.errors.UnknownComponentError, match="Did you mean 'mean'"):
+        check_config({**cfg, "pooling": {"name": "meen"}}, registry)
+
+
+class ThirdPartyPoolings:
+    """Factories as a plugin author writes them: typed, untyped, **kwargs, unresolvable."""
+
+    @embplex.hookimpl
+    def register_poolings(self, register):
+        def typed(mode: Literal["sum", "max"] = "sum", p: float = 3.0, layers: list[int] | None = None):
+            raise AssertionError("composition never builds")
+
+        def open_ended(scale: "Unresolvable" = 1.0, **extra):
+            raise AssertionError("composition never builds")
+
+        register("typed", typed)
+        register("open_ended", open_ended)
+
+
+@pytest.fixture
+def third_party(tmp_path) -> embplex.Registry:
+    folder = tmp_path / "conf" / "pooling"
+    folder.mkdir(parents=True)
+    (folder / "typed.yaml").write_text("name: typed\nmode: sum\np: 3.0\n")
+    (folder / "open_ended.yaml").write_text("name: open_ended\nscale: 1.0\n")
+    return embplex.load_registry(
+        extra_plugins=[("confs", ConfigFolder(tmp_path / "conf")), ("third-party", ThirdPartyPoolings())]
+    )
+
+
+def test_plugin_options_are_checked_against_the_factory_annotations(third_party):
+    cfg = compose_config(["pooling=typed", "pooling.p=2", "+pooling.layers=[1,2]"], registry=third_party)
+    assert cfg["pooling"] == {"name": "typed", "mode": "sum", "p": 2, "layers": [1, 2]}
+
+    with pytest.raises(OptionError, match=r"pooling\.mode='mean' is text, but pooling 'typed' expects one of 'sum', 'max'"):
+        compose_config(["pooling=typed", "pooling.mode=mean"], registry=third_party)
+    with pytest.raises(OptionError, match=r"pooling\.layers=\['a'\] .* a list of a whole number or null"):
+        compose_config(["pooling=typed", "+pooling.layers=[a]"], registry=third_party)
+    with pytest.raises(OptionError, match=r"Unknown key pooling\.moed: .*Did you mean 'mode'"):
+        compose_config(["pooling=typed", "+pooling.moed=max"], registry=third_party)
+
+
+class Mode(enum.Enum):
+    SUM = "sum"
+
+
+@pytest.mark.parametrize(
+    "value, annotation, expected",
+    [
+        (True, "bool", True), ("no", "bool", False), (0, "bool", False),
+        (3, "int", True), (True, "int", False), (3, "float", True), (False, "float", False),
+        ("x", "str | None", True), (None, "int | None", True), ("1", "int | None", False),
+        ([1, 2], "list[int]", True), ([1, "a"], "list[int]", False), ("ab", "Sequence[str]", False),
+        ([1, "a"], "tuple[int, str]", True), ([1], "tuple[int, str]", False),
+        ({"r": 8}, "dict[str, int]", True), ({"r": "8"}, "dict[str, int]", False),
+        ("a/b", "Path", True), ("sum", "Mode", True), ("SUM", "Mode", True), ("max", "Mode", False),
+        ("anything", "Any", True), (object(), "int", True),  # a Python object is the factory's business
+    ],
+)
+def test_which_plain_values_fit_which_annotations(value, annotation, expected):
+    from collections.abc import Sequence
+    from typing import Any
+
+    from embplex.options import fits
+
+    names = {"Sequence": Sequence, "Any": Any, "Path": Path, "Mode": Mode}
+    assert fits(value, eval(annotation, names)) is expected
+
+
+def test_kwargs_and_unresolvable_annotations_are_not_judged(third_party):
+    cfg = compose_config(
+        ["pooling=open_ended", "pooling.scale=anything", "+pooling.extra_option=1"], registry=third_party
+    )
+    assert cfg["pooling"] == {"name": "open_ended", "scale": "anything", "extra_option": 1}
 
 
 def test_group_options_list_the_config_files(registry):

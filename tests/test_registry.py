@@ -9,6 +9,8 @@ same discovery path as production (``embplex.load_registry()`` with no arguments
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import re
 import textwrap
 import warnings
 from pathlib import Path
@@ -17,8 +19,9 @@ import pluggy
 import pytest
 
 import embplex
+from embplex.cli import main
 from embplex.components import Features, Pooling
-from embplex.errors import DuplicateComponentError, OptionError, UnknownComponentError
+from embplex.errors import DuplicateComponentError, OptionError, PluginError, UnknownComponentError
 from embplex.registry import KINDS, Distribution
 
 POOLING_MODULE = """
@@ -158,17 +161,66 @@ def test_broken_plugin_is_reported_and_the_others_still_load(site):
     assert "mean" in registry.names("pooling"), "a broken third-party plugin took a built-in down"
 
 
-def test_same_name_in_same_kind_names_both_distributions(site):
+def test_same_name_in_same_kind_is_an_error_only_when_used(site):
     install_pooling(site, "embplex-twin-one", "twin", "embplex_twin_one", version="1.0")
     install_pooling(site, "embplex-twin-two", "twin", "embplex_twin_two", version="2.0")
 
-    with pytest.raises(DuplicateComponentError) as raised:
-        embplex.load_registry()
+    registry = embplex.load_registry()  # start-up goes on: only using the name fails
 
+    assert "twin" not in registry.names("pooling") and "mean" in registry.names("pooling")
+    assert [info.distribution.name for info in registry.conflicts[("pooling", "twin")]] == [
+        "embplex-twin-one", "embplex-twin-two"
+    ]
+    with pytest.raises(DuplicateComponentError) as raised:
+        registry.create("pooling", "twin")
     message = str(raised.value)
-    assert "pooling 'twin'" in message
+    assert "pooling 'twin' is registered by 2 plugins" in message
     assert "embplex-twin-one 1.0" in message and "embplex-twin-two 2.0" in message
-    assert "EMBPLEX_DISABLE_PLUGINS" in message
+    assert "EMBPLEX_DISABLE_PLUGINS=embplex-twin-two:pooling.twin keeps 'embplex-twin-one:pooling.twin'" in message
+
+
+def printed_choices(message: str) -> dict[str, str]:
+    """``{setting: the plugin it keeps}`` from a conflict message."""
+    return dict(re.findall(r"EMBPLEX_DISABLE_PLUGINS=(\S+) keeps '([^']+)'", message))
+
+
+def test_a_second_distribution_claiming_a_builtin_name(site, monkeypatch, capsys):
+    """The case of issue 7: another distribution registers ``pooling.mean``."""
+    install_fake(
+        site,
+        "embplex-mean-clone",
+        "1.0",
+        {"embplex_mean_clone": POOLING_MODULE.format(name="mean")},
+        {"pooling.mean": "embplex_mean_clone"},
+    )
+
+    # `embplex plugins` still runs and shows both sides of the conflict.
+    assert main(["plugins", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    (conflict,) = listing["conflicts"]
+    assert (conflict["kind"], conflict["name"]) == ("pooling", "mean")
+    assert {side["disable"] for side in conflict["plugins"]} == {"embplex:pooling.mean", "embplex-mean-clone:pooling.mean"}
+    assert main(["plugins"]) == 0
+    assert "CONFLICT" in capsys.readouterr().out
+
+    # Using the name fails with one line that says how to keep either side...
+    assert main(["config"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    choices = printed_choices(error)
+    assert set(choices.values()) == {"embplex:pooling.mean", "embplex-mean-clone:pooling.mean"}
+
+    # ...and each printed setting disables exactly one side.
+    for setting, kept in choices.items():
+        monkeypatch.setenv("EMBPLEX_DISABLE_PLUGINS", setting)
+        registry = embplex.load_registry()
+        info = registry.get("pooling", "mean")
+        assert info.selector == kept
+        assert registry.conflicts == {}
+        assert info.distribution.name == kept.split(":")[0]
+    monkeypatch.setenv("EMBPLEX_PLUGINS", "embplex-mean-clone:pooling.mean")
+    monkeypatch.delenv("EMBPLEX_DISABLE_PLUGINS")
+    assert embplex.load_registry().get("pooling", "mean").distribution.name == "embplex-mean-clone"
 
 
 def test_entry_point_name_taken_by_another_distribution_still_loads(site):
@@ -186,11 +238,14 @@ def test_entry_point_name_taken_by_another_distribution_still_loads(site):
     assert registry.get("pooling", "mean").distribution.name == "embplex"
     variant = registry.get("pooling", "mean_variant")
     assert variant.distribution == Distribution("embplex-mean-variants", "1.0")
-    # Whichever loads second is told apart by its distribution.
+    # Whichever loads second is told apart by its distribution, in the form that
+    # EMBPLEX_DISABLE_PLUGINS accepts.
     assert {variant.plugin, registry.get("pooling", "mean").plugin} in (
-        {"pooling.mean", "pooling.mean@embplex"},
-        {"pooling.mean", "pooling.mean@embplex-mean-variants"},
+        {"pooling.mean", "embplex:pooling.mean"},
+        {"pooling.mean", "embplex-mean-variants:pooling.mean"},
     )
+    assert variant.selector == "embplex-mean-variants:pooling.mean"
+    assert registry.get("pooling", "mean").selector == "embplex:pooling.mean"
 
 
 def test_same_name_in_different_kinds_is_allowed(site):
@@ -324,6 +379,57 @@ def test_mistyped_option_suggests_the_right_one(registry):
 def test_unknown_option_without_a_close_match_lists_the_options(registry):
     with pytest.raises(OptionError, match="has no option 'colour'. Its options are: exclude_instruction."):
         registry.create("pooling", "mean", colour="blue")
+
+
+def test_wrong_type_is_refused_before_the_factory_runs(registry):
+    with pytest.raises(OptionError) as raised:
+        registry.create("pooling", "mean", exclude_instruction="no")
+
+    message = str(raised.value)
+    assert "pooling.exclude_instruction='no' is text" in message
+    assert "pooling 'mean' expects true or false" in message
+
+
+class Picky(Pooling):
+    """A third-party pooling that checks its own option, as docs/writing-plugins.md says."""
+
+    def __init__(self, p: float = 3.0) -> None:
+        super().__init__()
+        if not p > 0:
+            raise OptionError(f"option p must be positive, not {p}.")
+
+
+def failing_factory(p: float = 3.0) -> Pooling:
+    raise ValueError(f"math domain error for p={p}")
+
+
+class PickyPlugin:
+    @embplex.hookimpl
+    def register_poolings(self, register):
+        register("picky", Picky)
+        register("failing", failing_factory)
+
+
+def test_option_error_from_a_factory_names_the_component():
+    registry = embplex.load_registry(entry_points=[], extra_plugins=[("picky-plugin", PickyPlugin())])
+
+    with pytest.raises(OptionError) as raised:
+        registry.create("pooling", "picky", p=-1)
+
+    assert str(raised.value) == "pooling 'picky': option p must be positive, not -1."
+
+
+def test_other_errors_from_a_factory_become_one_line_naming_the_plugin():
+    registry = embplex.load_registry(entry_points=[], extra_plugins=[("picky-plugin", PickyPlugin())])
+
+    with pytest.raises(PluginError) as raised:
+        registry.create("pooling", "failing", p=-1.0)
+
+    message = str(raised.value)
+    assert "pooling 'failing' (plugin 'picky-plugin'" in message
+    assert "failed to build: ValueError: math domain error for p=-1.0" in message
+    assert "\n" not in message
+    assert isinstance(raised.value.__cause__, ValueError), "the cause stays chained for debugging"
 
 
 def test_valid_options_reach_the_factory(registry):
