@@ -230,3 +230,15 @@ def test_registered_through_the_registry(registry):
     assert isinstance(index, ExactIndex) and index.dim == 3
     with pytest.raises(OptionError, match="chunk_size"):
         registry.create("index", "exact", dim=3, chunksize=5)
+
+
+# -- the index contract every index plugin passes (embplex.testing) --------------------
+
+from embplex.testing import IndexContract  # noqa: E402
+
+
+class TestExactFollowsTheIndexContract(IndexContract):
+    @pytest.fixture(params=["cosine", "ip"])
+    def make_index(self, request):
+        self.metric = request.param
+        return lambda dim: ExactIndex(dim=dim, metric=request.param, chunk_size=7)
