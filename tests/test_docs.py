@@ -188,3 +188,67 @@ def test_index_links_every_page():
     pages = {p.resolve() for p in DOCS.rglob("*.md") if p.name != "index.md" and "examples" not in p.parts}
     missing = sorted(p.relative_to(DOCS).as_posix() for p in pages - linked)
     assert missing == [], f"docs/index.md does not link: {missing}"
+
+
+# ---------------------------------------------------------------------------
+# The configuration table of getting-started.md is generated from the config
+# ---------------------------------------------------------------------------
+
+
+def _config_table_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_table", DOCS / "config_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _documented_keys() -> list[str]:
+    text = (DOCS / "getting-started.md").read_text()
+    table = text.split("<!-- config-table:start -->")[1].split("<!-- config-table:end -->")[0]
+    return re.findall(r"^\| `([\w.]+)` \|", table, flags=re.MULTILINE)
+
+
+def test_config_table_is_up_to_date():
+    generator = _config_table_module()
+    page = (DOCS / "getting-started.md").read_text()
+    assert generator.updated(page, generator.render()) == page, "run `python docs/config_table.py`"
+
+
+def test_config_table_lists_every_key_of_the_default_config_and_no_other():
+    from embplex.config import compose_config
+
+    groups = [group for group, _ in _config_table_module().default_groups()]
+    config = compose_config([])
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict) and node:
+            return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}{key}.")]
+        return [prefix.rstrip(".")]
+
+    expected = groups + leaves({k: v for k, v in config.items() if k not in groups})
+    assert set(groups) >= {"backbone", "pooling", "data"}
+    assert _documented_keys() == expected
+
+
+def test_every_training_setting_is_a_config_key():
+    import dataclasses
+
+    from embplex.config import compose_config
+    from embplex.training import TrainSettings
+
+    settings = {f.name for f in dataclasses.fields(TrainSettings)} - {"seed"}  # seed is top-level
+    assert settings == set(compose_config([])["train"])
+
+
+def test_config_table_generator_refuses_an_undocumented_key(tmp_path, monkeypatch):
+    generator = _config_table_module()
+    conf = tmp_path / "embplex.yaml"
+    conf.write_text(generator.primary_config().read_text() + "\nextra_section:\n  no_comment_here: 1\n")
+    monkeypatch.setattr(generator, "primary_config", lambda: conf)
+    monkeypatch.setattr(
+        "embplex.config.compose_config", lambda overrides: {"seed": 1, "extra_section": {"no_comment_here": 1}}
+    )
+    with pytest.raises(SystemExit, match="extra_section.no_comment_here"):
+        generator.rows()
