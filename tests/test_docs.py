@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import inspect
 import re
 from pathlib import Path
@@ -252,3 +253,50 @@ def test_config_table_generator_refuses_an_undocumented_key(tmp_path, monkeypatc
     )
     with pytest.raises(SystemExit, match="extra_section.no_comment_here"):
         generator.rows()
+
+
+# ---------------------------------------------------------------------------
+# The site: mkdocs build --strict (mkdocs is in the test extra: no skip when missing)
+# ---------------------------------------------------------------------------
+
+
+def _build_site(config: Path, site: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+def test_site_builds_in_strict_mode_with_the_api_reference(tmp_path):
+    import mkdocs  # noqa: F401 - a missing docs extra is a failure, not a skip
+
+    built = _build_site(REPO / "mkdocs.yml", tmp_path / "site")
+    assert built.returncode == 0, built.stdout + built.stderr
+    components = (tmp_path / "site" / "api" / "components" / "index.html").read_text()
+    assert "negatives_per_anchor" in components, "the API reference is generated from the docstrings"
+    testing = (tmp_path / "site" / "api" / "testing" / "index.html").read_text()
+    assert "IndexContract" in testing
+    for page in DOCS.rglob("*.md"):  # every page is part of the site
+        if "examples" in page.parts and page.name != "README.md":
+            continue
+        relative = page.relative_to(DOCS).with_suffix("")
+        html = relative.parent / "index.html" if relative.name in ("index", "README") else relative / "index.html"
+        assert (tmp_path / "site" / html).is_file(), f"{page.relative_to(REPO)} was not built"
+
+
+def test_strict_build_fails_on_a_broken_link_and_a_page_left_out(tmp_path):
+    shutil.copytree(DOCS, tmp_path / "docs", ignore=shutil.ignore_patterns("*.png"))
+    shutil.copy(REPO / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    (tmp_path / "core").symlink_to(REPO / "core")
+    with (tmp_path / "docs" / "concepts.md").open("a") as page:
+        page.write("\nSee [the missing page](no-such-page.md).\n")
+    (tmp_path / "docs" / "orphan.md").write_text("# Nobody links or lists me\n")
+    built = _build_site(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert built.returncode != 0
+    assert "no-such-page.md" in built.stderr and "orphan.md" in built.stderr, built.stderr
