@@ -130,3 +130,53 @@ def test_training_batch_from_examples_on_the_tiny_encoder(tiny_encoder):
     unscored = make_training_batch(tiny_encoder.backbone, [Example("a cat", "a dog")])
     assert unscored.negatives is None and unscored.scores is None
     assert tiny_encoder.encode(["the cat sat"]).shape == (1, 32)
+
+
+# -- what docs/writing-plugins.md says about training from Python --------------------------
+
+
+class StopAt(Exception):
+    """Raised by a callback to end a run at a chosen step (its checkpoint is already written)."""
+
+
+def _train(tiny_encoder_path, output, callbacks=(), max_steps=4, **settings):
+    from embplex.training import TrainSettings, train
+
+    registry = isolated_registry(include=["embplex"])
+    model = embplex.compose({"name": "hf_encoder", "path": tiny_encoder_path}, pooling="mean", registry=registry)
+    return train(
+        model,
+        tiny_examples(8),
+        loss=registry.create("loss", "infonce"),
+        sampler=registry.create("sampler", "random"),
+        settings=TrainSettings(batch_size=4, max_steps=max_steps, tensorboard=False, progress_bar=False, **settings),
+        output_dir=output,
+        registry=registry,
+        callbacks=callbacks,
+    )
+
+
+def test_a_callback_stops_a_run_at_a_step_and_train_resumes_it(tiny_encoder_path, tmp_path):
+    seen = []
+
+    def stop_after_step_2(info):
+        seen.append(info)
+        if info.step == 2:
+            raise StopAt
+
+    with pytest.raises(StopAt):
+        _train(tiny_encoder_path, tmp_path / "run", [stop_after_step_2], checkpoint_every=2)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-2"
+    assert [(info.step, info.checkpoint) for info in seen] == [(1, None), (2, checkpoint)]
+    resumed = _train(tiny_encoder_path, tmp_path / "run", checkpoint_every=2)
+    assert resumed.resumed_from == checkpoint and resumed.step == 4
+    whole = _train(tiny_encoder_path, tmp_path / "whole")
+    np.testing.assert_array_equal(
+        embplex.load(resumed.model_path).encode(["a cat"]), embplex.load(whole.model_path).encode(["a cat"])
+    )
+    # The default warm-up (10% of 4 steps, rounded up: one step) starts from zero...
+    assert seen[0].lr == 0.0 and seen[1].lr == pytest.approx(2e-5)
+    # ...and warmup_steps=0 turns it off.
+    no_warm_up = []
+    _train(tiny_encoder_path, tmp_path / "no-warm-up", [no_warm_up.append], max_steps=1, warmup_steps=0)
+    assert no_warm_up[0].lr == pytest.approx(2e-5)
