@@ -300,3 +300,45 @@ def test_strict_build_fails_on_a_broken_link_and_a_page_left_out(tmp_path):
     built = _build_site(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert built.returncode != 0
     assert "no-such-page.md" in built.stderr and "orphan.md" in built.stderr, built.stderr
+
+
+# ---------------------------------------------------------------------------
+# Claims docs/writing-plugins.md makes about config folders
+# ---------------------------------------------------------------------------
+
+
+def test_a_disabled_plugins_config_folder_disappears_with_it(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from embplex.config import ConfigError, compose_config, group_options
+
+    monkeypatch.syspath_prepend(str(DOCS / "examples" / "embplex-example-plugin" / "src"))
+    entry_points = [
+        EntryPoint("pooling.example_first_token", "embplex_example_plugin", "embplex"),
+        EntryPoint("pooling.mean", "embplex.plugins.pooling.mean", "embplex"),
+    ]
+    loaded = embplex.load_registry(entry_points=entry_points)
+    assert "example_first_token" in group_options("pooling", loaded)
+    assert compose_config(["pooling=example_first_token"], registry=loaded)["pooling"]["name"] == "example_first_token"
+
+    monkeypatch.setenv("EMBPLEX_DISABLE_PLUGINS", "pooling.example_first_token")
+    disabled = embplex.load_registry(entry_points=entry_points)
+    assert disabled.config_paths == [] and "example_first_token" not in group_options("pooling", disabled)
+    with pytest.raises(ConfigError, match="No pooling plugin named 'example_first_token'"):
+        compose_config(["pooling=example_first_token"], registry=disabled)
+
+
+def test_concepts_catalog_table_says_what_is_installed():
+    text = (DOCS / "concepts.md").read_text()
+    table = text.split("<!-- catalog:start -->")[1].split("<!-- catalog:end -->")[0]
+    rows = {
+        cells[0]: (re.findall(r"`(\w+)`", cells[1]), re.findall(r"`(\w+)`", cells[2]))
+        for line in table.strip().splitlines()[2:]
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert list(rows) == list(KINDS)
+    for kind, (installed, planned) in rows.items():
+        builtin = sorted(name for k, name in BUILTINS if k == kind)
+        assert installed == builtin, f"concepts.md: installed {kind} plugins are {builtin}"
+        shipped = set(planned) & set(builtin)
+        assert not shipped, f"concepts.md lists {sorted(shipped)} as planned but they are installed"

@@ -153,6 +153,12 @@ class IndexContract:
             index.add(["same", "same"], vectors[:2])
         assert len(index) == 20
 
+    def test_ids_and_vectors_must_pair_up(self, make_index):
+        index = make_index(self.dim)
+        with pytest.raises(InputError):
+            index.add(["a", "b"], _vectors(3, self.dim, seed=0))
+        assert len(index) == 0
+
     def test_ids_must_be_strings(self, make_index):
         index = make_index(self.dim)
         with pytest.raises(InputError):
