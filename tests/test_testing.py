@@ -170,10 +170,7 @@ def test_a_callback_stops_a_run_at_a_step_and_train_resumes_it(tiny_encoder_path
     assert [(info.step, info.checkpoint) for info in seen] == [(1, None), (2, checkpoint)]
     resumed = _train(tiny_encoder_path, tmp_path / "run", checkpoint_every=2)
     assert resumed.resumed_from == checkpoint and resumed.step == 4
-    whole = _train(tiny_encoder_path, tmp_path / "whole")
-    np.testing.assert_array_equal(
-        embplex.load(resumed.model_path).encode(["a cat"]), embplex.load(whole.model_path).encode(["a cat"])
-    )
+    # (that the resumed weights equal an uninterrupted run's is tests/test_training.py's job)
     # The default warm-up (10% of 4 steps, rounded up: one step) starts from zero...
     assert seen[0].lr == 0.0 and seen[1].lr == pytest.approx(2e-5)
     # ...and warmup_steps=0 turns it off.
