@@ -52,7 +52,9 @@ def _vectors(rows: int, dim: int, seed: int, unit: bool = False) -> np.ndarray:
 class IndexContract:
     """What every index promises (``docs/concepts.md``, "Index").
 
-    Provide ``make_index``: a fixture returning ``make(dim) -> Index`` (an empty index).
+    For indexes of one vector per item (a multi-vector index, which stores a set of
+    vectors per item, needs checks of its own). Provide ``make_index``: a fixture
+    returning ``make(dim) -> Index`` (an empty index).
     Set ``metric`` to the metric it builds (``"cosine"`` or ``"ip"``) and ``exact`` to
     ``False`` for an approximate index, which then skips the brute-force comparison.
     """
