@@ -1,13 +1,14 @@
 # embplex — the two commands a new user needs:
 #   make quickstart   set up, then fine-tune and evaluate all-MiniLM-L6-v2 on SciFact
 #   make test         set up, then run the test suite
+#   make docs         set up, then serve the documentation site on http://127.0.0.1:8000
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test bench bench-smoke clean
+.PHONY: setup quickstart test docs bench bench-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,10 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the site of docs/ (mkdocs.yml), rebuilt on every change; `mkdocs build --strict` is what CI runs
+docs: setup
+	$(BIN)/python -m mkdocs serve
 
 # the full benchmarks (about 25 minutes on 2 cores); results in benchmarks/results/
 bench: setup

@@ -401,9 +401,17 @@ class Pooling(Component):
 
 @dataclass
 class Example:
-    """One training example. ``anchor`` and ``positive`` are texts; ``negatives`` are
-    hard negatives; ``scores`` optional teacher scores for positive then negatives;
-    ``task`` names the dataset or task it came from; ``prompt`` an instruction."""
+    """One training example.
+
+    :param anchor: the query or first text.
+    :param positive: the text that should embed close to the anchor.
+    :param negatives: hard negatives (texts that should embed far from it).
+    :param scores: teacher scores, the positive's then one per negative (the ``sts`` and
+        scored ``flagembedding`` formats fill them).
+    :param task: the data set or task it came from (loaders use the file or folder name).
+    :param prompt: an instruction prepended to the anchor only; its tokens are flagged
+        in ``instruction_mask`` so pooling can leave them out.
+    """
 
     anchor: str
     positive: str
@@ -415,13 +423,18 @@ class Example:
 
 @dataclass
 class TrainingBatch:
-    """A batch of examples, tokenized per role.
+    """A batch of examples, tokenized per role (build one with
+    :func:`embplex.training.make_training_batch`).
 
-    :param anchors: features of the anchors (queries).
+    :param examples: the batch's examples, in order.
+    :param anchors: features of the anchors (queries), tokenized with their prompts.
     :param positives: features of the positives, aligned with anchors.
-    :param negatives: features of all hard negatives, ``negatives_per_anchor`` per anchor
-        in anchor order (empty when the data has none).
-    :param scores: ``[batch, 1 + negatives_per_anchor]`` teacher scores, when present.
+    :param negatives: features of all hard negatives, ``negatives_per_anchor`` per anchor,
+        flattened anchor by anchor; ``None`` when there are none.
+    :param negatives_per_anchor: ``k``, the smallest number of negatives of any example
+        in the batch (each example keeps its first ``k``).
+    :param scores: ``[batch, 1 + k]`` float32 teacher scores (positive, then negatives),
+        set only when every example has at least ``1 + k`` of them.
     """
 
     examples: list[Example]
@@ -452,7 +465,9 @@ class Loss(Component):
         return self.compute({role: by_layer[None] for role, by_layer in embeddings.items()}, batch)
 
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
-        """Loss from embeddings per role (``anchors``, ``positives``, ``negatives``)."""
+        """Loss from embeddings per role: ``anchors`` and ``positives`` ``[batch, dim]``,
+        and ``negatives`` ``[batch * k, dim]`` (``k = batch.negatives_per_anchor``, anchor
+        by anchor), a key that is absent when the batch has no negatives."""
         raise NotImplementedError
 
 

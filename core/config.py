@@ -184,6 +184,7 @@ class EvalSection:
 class SearchSection:
     k: int
     query: str | None
+    rebuild: bool
 
 
 @dataclasses.dataclass

@@ -169,7 +169,17 @@ class TrainSettings:
 
 @dataclass
 class StepInfo:
-    """Handed to callbacks after every optimizer step (and after its checkpoint)."""
+    """Handed to callbacks after every optimizer step (and after its checkpoint).
+
+    A callback that raises ends the run after this step; ``train`` called again with the
+    same arguments resumes from the newest checkpoint.
+
+    :param step: the optimizer step just done, counting from 1.
+    :param epoch: the epoch it belongs to, counting from 0.
+    :param loss: the step's loss, the mean over its micro-batches.
+    :param lr: the learning rate the step used (0 at step 1 under the default warm-up).
+    :param checkpoint: the checkpoint folder written at this step, or ``None``.
+    """
 
     step: int
     epoch: int

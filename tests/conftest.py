@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The fixtures embplex ships for plugin authors, used by the first-party plugins' tests too.
+pytest_plugins = ["embplex.testing"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import inspect
 import re
 from pathlib import Path
@@ -188,3 +189,158 @@ def test_index_links_every_page():
     pages = {p.resolve() for p in DOCS.rglob("*.md") if p.name != "index.md" and "examples" not in p.parts}
     missing = sorted(p.relative_to(DOCS).as_posix() for p in pages - linked)
     assert missing == [], f"docs/index.md does not link: {missing}"
+
+
+# ---------------------------------------------------------------------------
+# The configuration table of getting-started.md is generated from the config
+# ---------------------------------------------------------------------------
+
+
+def _config_table_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_table", DOCS / "config_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _documented_keys() -> list[str]:
+    text = (DOCS / "getting-started.md").read_text()
+    table = text.split("<!-- config-table:start -->")[1].split("<!-- config-table:end -->")[0]
+    return re.findall(r"^\| `([\w.]+)` \|", table, flags=re.MULTILINE)
+
+
+def test_config_table_is_up_to_date():
+    generator = _config_table_module()
+    page = (DOCS / "getting-started.md").read_text()
+    assert generator.updated(page, generator.render()) == page, "run `python docs/config_table.py`"
+
+
+def test_config_table_lists_every_key_of_the_default_config_and_no_other():
+    from embplex.config import compose_config
+
+    groups = [group for group, _ in _config_table_module().default_groups()]
+    config = compose_config([])
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict) and node:
+            return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}{key}.")]
+        return [prefix.rstrip(".")]
+
+    expected = groups + leaves({k: v for k, v in config.items() if k not in groups})
+    assert set(groups) >= {"backbone", "pooling", "data"}
+    assert _documented_keys() == expected
+
+
+def test_every_training_setting_is_a_config_key():
+    import dataclasses
+
+    from embplex.config import compose_config
+    from embplex.training import TrainSettings
+
+    settings = {f.name for f in dataclasses.fields(TrainSettings)} - {"seed"}  # seed is top-level
+    assert settings == set(compose_config([])["train"])
+
+
+def test_config_table_generator_refuses_an_undocumented_key(tmp_path, monkeypatch):
+    generator = _config_table_module()
+    conf = tmp_path / "embplex.yaml"
+    conf.write_text(generator.primary_config().read_text() + "\nextra_section:\n  no_comment_here: 1\n")
+    monkeypatch.setattr(generator, "primary_config", lambda: conf)
+    monkeypatch.setattr(
+        "embplex.config.compose_config", lambda overrides: {"seed": 1, "extra_section": {"no_comment_here": 1}}
+    )
+    with pytest.raises(SystemExit, match="extra_section.no_comment_here"):
+        generator.rows()
+
+
+# ---------------------------------------------------------------------------
+# The site: mkdocs build --strict (mkdocs is in the test extra: no skip when missing)
+# ---------------------------------------------------------------------------
+
+
+def _build_site(config: Path, site: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+def test_site_builds_in_strict_mode_with_the_api_reference(tmp_path):
+    import mkdocs  # a missing docs extra is a failure, not a skip
+
+    assert mkdocs.__version__
+
+    built = _build_site(REPO / "mkdocs.yml", tmp_path / "site")
+    assert built.returncode == 0, built.stdout + built.stderr
+    components = (tmp_path / "site" / "api" / "components" / "index.html").read_text()
+    assert "negatives_per_anchor" in components, "the API reference is generated from the docstrings"
+    testing = (tmp_path / "site" / "api" / "testing" / "index.html").read_text()
+    assert "IndexContract" in testing
+    for page in DOCS.rglob("*.md"):  # every page is part of the site
+        if "examples" in page.parts and page.name != "README.md":
+            continue
+        relative = page.relative_to(DOCS).with_suffix("")
+        html = relative.parent / "index.html" if relative.name in ("index", "README") else relative / "index.html"
+        assert (tmp_path / "site" / html).is_file(), f"{page.relative_to(REPO)} was not built"
+
+
+def test_strict_build_fails_on_a_broken_link_and_a_page_left_out(tmp_path):
+    shutil.copytree(DOCS, tmp_path / "docs", ignore=shutil.ignore_patterns("*.png"))
+    shutil.copy(REPO / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    (tmp_path / "core").symlink_to(REPO / "core")
+    with (tmp_path / "docs" / "concepts.md").open("a") as page:
+        page.write("\nSee [the missing page](no-such-page.md).\n")
+    (tmp_path / "docs" / "orphan.md").write_text("# Nobody links or lists me\n")
+    built = _build_site(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert built.returncode != 0
+    assert "no-such-page.md" in built.stderr and "orphan.md" in built.stderr, built.stderr
+
+
+# ---------------------------------------------------------------------------
+# Claims docs/writing-plugins.md makes about config folders
+# ---------------------------------------------------------------------------
+
+
+def test_a_disabled_plugins_config_folder_disappears_with_it(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from embplex.config import ConfigError, compose_config, group_options
+
+    monkeypatch.syspath_prepend(str(DOCS / "examples" / "embplex-example-plugin" / "src"))
+    entry_points = [
+        EntryPoint("pooling.example_first_token", "embplex_example_plugin", "embplex"),
+        EntryPoint("pooling.mean", "embplex.plugins.pooling.mean", "embplex"),
+    ]
+    loaded = embplex.load_registry(entry_points=entry_points)
+    assert "example_first_token" in group_options("pooling", loaded)
+    assert compose_config(["pooling=example_first_token"], registry=loaded)["pooling"]["name"] == "example_first_token"
+
+    monkeypatch.setenv("EMBPLEX_DISABLE_PLUGINS", "pooling.example_first_token")
+    disabled = embplex.load_registry(entry_points=entry_points)
+    assert disabled.config_paths == [] and "example_first_token" not in group_options("pooling", disabled)
+    with pytest.raises(ConfigError, match="No pooling plugin named 'example_first_token'"):
+        compose_config(["pooling=example_first_token"], registry=disabled)
+
+
+def test_concepts_catalog_table_says_what_is_installed():
+    text = (DOCS / "concepts.md").read_text()
+    table = text.split("<!-- catalog:start -->")[1].split("<!-- catalog:end -->")[0]
+    rows = {
+        cells[0]: (re.findall(r"`(\w+)`", cells[1]), re.findall(r"`(\w+)`", cells[2]))
+        for line in table.strip().splitlines()[2:]
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert list(rows) == list(KINDS)
+    for kind, (installed, planned) in rows.items():
+        builtin = sorted(name for k, name in BUILTINS if k == kind)
+        assert installed == builtin, f"concepts.md: installed {kind} plugins are {builtin}"
+        shipped = set(planned) & set(builtin)
+        assert not shipped, f"concepts.md lists {sorted(shipped)} as planned but they are installed"

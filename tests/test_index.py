@@ -319,3 +319,14 @@ def test_the_core_verifies_every_plugins_saved_index_even_one_that_loads_careles
     assert len(CarelessIndex.load(tmp_path / "idx")) == 3, "the plugin alone does not notice"
     with pytest.raises(ModelFileError, match="vectors.npy is corrupt"):
         load_index(tmp_path / "idx", registry)
+
+# -- the index contract every index plugin passes (embplex.testing) --------------------
+
+from embplex.testing import IndexContract  # noqa: E402
+
+
+class TestExactFollowsTheIndexContract(IndexContract):
+    @pytest.fixture(params=["cosine", "ip"])
+    def make_index(self, request):
+        self.metric = request.param
+        return lambda dim: ExactIndex(dim=dim, metric=request.param, chunk_size=7)

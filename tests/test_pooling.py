@@ -11,6 +11,7 @@ import torch
 
 import embplex
 from embplex.components import Features
+from embplex.testing import PoolingContract
 from tiny_decoders import FAMILIES
 
 POOLINGS = ["cls", "last_token", "max", "weighted_mean"]
@@ -206,3 +207,13 @@ def test_config_file_lists_every_option_with_its_default(name):
     assert list(config)[0] == "name" and config.name == name
     assert set(config) - {"name"} == set(parameters)
     assert all(config[key] == parameter.default for key, parameter in parameters.items())
+
+
+class TestFirstPartyPoolingsFollowThePoolingContract(PoolingContract):
+    @pytest.fixture(
+        params=[(name, exclude) for name in ["mean", *POOLINGS] for exclude in (True, False)],
+        ids=lambda p: f"{p[0]}-exclude_instruction={p[1]}",
+    )
+    def pooling(self, request):
+        name, exclude = request.param
+        return pooling(name, exclude_instruction=exclude)

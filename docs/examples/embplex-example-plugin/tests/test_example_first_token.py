@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import pytest
 import torch
 from torch import Tensor
 
 import embplex
 import embplex_example_plugin
 from embplex.components import Features
+from embplex.testing import PoolingContract
 from embplex_example_plugin import FirstTokenPooling
+
+
+class TestFollowsThePoolingContract(PoolingContract):
+    """embplex's checks for every pooling: output shape, padding never read, the layer
+    asked for. They caught this plugin reading padding for a text that was all prompt."""
+
+    @pytest.fixture(params=[True, False], ids=["exclude_instruction", "keep_instruction"])
+    def pooling(self, request):
+        return FirstTokenPooling(exclude_instruction=request.param)
 
 
 def features(
@@ -55,9 +66,9 @@ def test_skips_instruction_tokens_only_when_asked():
     assert taken_positions(FirstTokenPooling(exclude_instruction=False)(batch)) == [0]
 
 
-def test_registers_in_process_without_installing():
+def test_registers_in_process_without_installing(embplex_registry):
     # Handy while developing: register the module directly, no entry point needed.
-    registry = embplex.load_registry(entry_points=[], extra_plugins=[("example", embplex_example_plugin)])
+    registry = embplex_registry(embplex_example_plugin)
     info = registry.get("pooling", "example_first_token")
     assert info.factory is FirstTokenPooling
     assert info.option_names() == ["exclude_instruction"]

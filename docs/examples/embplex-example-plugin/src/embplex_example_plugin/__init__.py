@@ -35,7 +35,9 @@ class FirstTokenPooling(Pooling):
         self.exclude_instruction = exclude_instruction
 
     def forward(self, features: Features) -> Tensor:
-        mask = features.token_mask if self.exclude_instruction else features.attention_mask.bool()
+        # Real tokens, without the prompt's when asked (all real tokens for a text that
+        # is nothing but prompt, so padding is never read).
+        mask = features.pooling_mask(self.exclude_instruction)
         # argmax returns the first maximum: the first position where the mask is set,
         # whichever side the batch was padded on.
         first = mask.int().argmax(dim=1)
