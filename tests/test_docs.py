@@ -311,14 +311,13 @@ def test_strict_build_fails_on_a_broken_link_and_a_page_left_out(tmp_path):
 
 def test_a_disabled_plugins_config_folder_disappears_with_it(monkeypatch):
     from importlib.metadata import EntryPoint
+    from importlib.metadata import entry_points as installed_entry_points
 
     from embplex.config import ConfigError, compose_config, group_options
 
     monkeypatch.syspath_prepend(str(DOCS / "examples" / "embplex-example-plugin" / "src"))
-    entry_points = [
-        EntryPoint("pooling.example_first_token", "embplex_example_plugin", "embplex"),
-        EntryPoint("pooling.mean", "embplex.plugins.pooling.mean", "embplex"),
-    ]
+    # the installed plugins (a composed config is checked against them) plus the example
+    entry_points = [*installed_entry_points(group="embplex"), EntryPoint("pooling.example_first_token", "embplex_example_plugin", "embplex")]
     loaded = embplex.load_registry(entry_points=entry_points)
     assert "example_first_token" in group_options("pooling", loaded)
     assert compose_config(["pooling=example_first_token"], registry=loaded)["pooling"]["name"] == "example_first_token"

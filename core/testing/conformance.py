@@ -195,6 +195,26 @@ class IndexContract:
         assert len(type(index).load(tmp_path / "index")) == 21
         assert [p.name for p in tmp_path.iterdir()] == ["index"], "no staging folder left next to the save"
 
+    def test_a_changed_byte_in_any_saved_file_is_detected_on_load(self, make_index, tmp_path: Path):
+        """Saves are checksummed (``embplex.storage.saving_index``): a flipped byte in any
+        file the plugin wrote — which may still parse as valid floats — is refused by the
+        plugin's ``load`` (``embplex.storage.verify_index``)."""
+        index, _, _ = self.filled(make_index)
+        index.save(tmp_path / "index")
+        files = [p for p in sorted((tmp_path / "index").rglob("*")) if p.is_file() and p.name != "manifest.json"]
+        assert files, "the save wrote no files"
+        for file in files:
+            original = file.read_bytes()
+            changed = bytearray(original)
+            changed[-1] ^= 0x01
+            file.write_bytes(bytes(changed))
+            try:
+                with pytest.raises(ModelFileError):
+                    type(index).load(tmp_path / "index")
+            finally:
+                file.write_bytes(original)
+        assert len(type(index).load(tmp_path / "index")) == len(index)
+
     def test_loading_a_missing_folder_is_a_model_file_error(self, make_index, tmp_path: Path):
         index = make_index(self.dim)
         with pytest.raises(ModelFileError):
