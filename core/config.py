@@ -183,6 +183,36 @@ def refuse_target_overrides(args: Sequence[str]) -> None:
             raise _refusal(key)
 
 
+_PLUGIN_CONFIG_FOLDERS: Any = None
+
+
+def _plugin_config_folders() -> Any:
+    """The Hydra search-path plugin that adds the config folders of embplex plugins
+    (``register_config_paths``) while an embplex command runs, registered once per process.
+
+    Hydra's way to extend the search path of an application for good: ``--help``, shell
+    completion and every job of a sweep see the folders, where ``hydra.searchpath`` on
+    the command line is forgotten by ``--help``'s list of config groups. Built on first use
+    so that importing this module does not import Hydra.
+    """
+    global _PLUGIN_CONFIG_FOLDERS
+    if _PLUGIN_CONFIG_FOLDERS is None:
+        from hydra.core.config_search_path import ConfigSearchPath
+        from hydra.core.plugins import Plugins
+        from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+        class PluginConfigFolders(SearchPathPlugin):
+            paths: list[str] = []
+
+            def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+                for path in type(self).paths:
+                    search_path.append(provider="embplex-plugin", path=path)
+
+        Plugins.instance().register(PluginConfigFolders)
+        _PLUGIN_CONFIG_FOLDERS = PluginConfigFolders
+    return _PLUGIN_CONFIG_FOLDERS
+
+
 def _with_overrides(args: Sequence[str], extra: Sequence[str]) -> list[str]:
     """Hydra's arguments with ``extra`` overrides added: all overrides first, then the
     flags (argparse takes overrides as one positional run; a trailing ``--info`` must not
@@ -247,9 +277,11 @@ def run_hydra_app(
     )
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     # argv[0] "embplex" is the program name in usage lines and the bash completion script
-    sys.argv = ["embplex", *_with_overrides(args, [f"hydra.job.name={command}", *_searchpath_override(registry)])]
+    sys.argv = ["embplex", *_with_overrides(args, [f"hydra.job.name={command}"])]
     # errors come back to us as exceptions instead of Hydra's printout and exit 1
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    folders = _plugin_config_folders()
+    folders.paths = list(registry.config_paths)
     try:
         app()
     except (HydraException, OmegaConfBaseException) as exc:
@@ -259,6 +291,7 @@ def run_hydra_app(
             raise
         raise ConfigError(_explain(exc)) from None
     finally:
+        folders.paths = []
         sys.argv = saved_argv
         if saved_full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -91,12 +91,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     metric_names: list[str] = []
     for job in summary["jobs"]:
         metric_names += [name for name in job["metrics"] if name not in metric_names]
+    # the overrides every job shares say nothing about the differences: the JSON keeps them
+    shared = set.intersection(*(set(job["overrides"]) for job in summary["jobs"])) if len(summary["jobs"]) > 1 else set()
     rows = [
         {
             "job": str(job["num"]),
             "status": job["status"],
             **{name: _number(job["metrics"].get(name)) for name in metric_names},
-            "overrides": " ".join(job["overrides"]) or "(none)",
+            "overrides": " ".join(o for o in job["overrides"] if o not in shared) or "(none)",
         }
         for job in summary["jobs"]
     ]
