@@ -22,18 +22,21 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import EmbplexError
+
+if TYPE_CHECKING:
+    from .config import Job
 
 COMMANDS = ("train", "eval", "encode", "index", "quickstart", "plugins", "config")
 QUICKSTART_DEFAULTS = ["experiment=quickstart"]
 
 # Each command's body takes the plain config and the registry and returns the job's
-# headline metrics (numbers), which a sweep's summary tabulates. The first one listed in
-# OBJECTIVES is what the command returns to an optimising sweeper (hydra/sweeper=optuna).
+# headline metrics (numbers), which a sweep's summary tabulates. OBJECTIVES names the one
+# a command returns to an optimising sweeper (hydra/sweeper=optuna); None: the first.
 Headline = dict[str, Any]
-OBJECTIVES = {"train": "loss", "eval": None, "quickstart": None}  # None: the first metric
+OBJECTIVES = {"train": "loss", "eval": None, "quickstart": None}
 
 
 def cmd_train(cfg: dict[str, Any], registry: Any) -> Headline:
@@ -164,7 +167,7 @@ def run_command(command: str, argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_job(command: str, cfg: dict[str, Any], registry: Any, job: Any) -> float | None:
+def _run_job(command: str, cfg: dict[str, Any], registry: Any, job: "Job") -> float | None:
     """One job. Alone, its errors propagate (exit 2 with the message). In a sweep, an error
     is recorded in the job's ``job.json`` and the sweep goes on."""
     from .sweep import write_job_record
