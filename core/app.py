@@ -46,7 +46,7 @@ def saved_model_folder(path: str | Path) -> Path:
         return root  # a model folder, or nothing: EmbeddingModel.load says which
     if (root / "model" / CONFIG_FILE).exists():
         return root / "model"
-    checkpoint = latest_checkpoint(root) if (root / "checkpoints").is_dir() else None
+    checkpoint = latest_checkpoint(root)
     hint = (
         f"; its newest checkpoint holds one: model.load={checkpoint / 'model'}"
         if checkpoint is not None and (checkpoint / "model" / CONFIG_FILE).exists()

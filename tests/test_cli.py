@@ -219,12 +219,20 @@ def test_sweep_over_an_option_that_does_not_exist_lists_the_options(capsys, tmp_
     assert not (tmp_path / "0").exists(), "nothing ran"
 
 
-def test_eval_takes_a_run_folder_and_says_when_it_holds_no_model(capsys, tmp_path, data_dir):
+def test_eval_and_encode_say_when_a_run_folder_holds_no_model(capsys, tmp_path, data_dir, texts):
     run_folder = tmp_path / "run"
     (run_folder / ".hydra").mkdir(parents=True)
     code, _, err = run(capsys, "eval", f"model.load={run_folder}", f"output_dir={tmp_path}", f"data.root={data_dir}", "data=stsb")
     assert code == 2
     assert f"model.load={run_folder} holds no saved model" in err
+
+    # an unfinished run with a checkpoint: the message names the checkpoint's model
+    checkpoint_model = run_folder / "checkpoints" / "step-2" / "model"
+    checkpoint_model.mkdir(parents=True)
+    (checkpoint_model / "embplex.json").write_text("{}")
+    code, _, err = run(capsys, "encode", f"model.load={run_folder}", f"encode.input={texts}", f"output_dir={tmp_path}")
+    assert code == 2
+    assert "holds no saved model" in err and f"model.load={checkpoint_model}" in err
 
 
 def test_cfg_info_and_help_work_as_in_any_hydra_app(capsys, tmp_path, third_party_probe):
