@@ -254,12 +254,12 @@ def run_hydra_app(
 
     refuse_target_overrides(args)
     started: list[bool] = []
+    stopped: list[EmbplexError] = []
 
     def task_function(hydra_cfg: Any) -> Any:
         started.append(True)
         runtime = HydraConfig.get()
         multirun = runtime.mode == RunMode.MULTIRUN
-        cfg = finish_config(hydra_cfg, registry)
         job = Job(
             command=command,
             output_dir=runtime.runtime.output_dir,
@@ -268,9 +268,18 @@ def run_hydra_app(
             num=runtime.job.num if multirun else None,
             sweep_dir=str(runtime.sweep.dir) if multirun else None,
         )
-        if os.path.abspath(cfg["output_dir"]) != os.path.abspath(job.output_dir):
-            cfg["output_dir"] = job.output_dir
-        return task(cfg, job)
+        try:
+            cfg = finish_config(hydra_cfg, registry)
+            if os.path.abspath(cfg["output_dir"]) != os.path.abspath(job.output_dir):
+                cfg["output_dir"] = job.output_dir
+            return task(cfg, job)
+        except EmbplexError as exc:
+            if multirun:
+                raise
+            # raised again once Hydra has closed the run: its own report of a failed
+            # job would print the overrides before our message
+            stopped.append(exc)
+            return None
 
     app = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=PRIMARY_CONFIG)(
         task_function
@@ -284,6 +293,8 @@ def run_hydra_app(
     folders.paths = list(registry.config_paths)
     try:
         app()
+        if stopped:
+            raise stopped[0]
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(exc)) from None
     except ValueError as exc:

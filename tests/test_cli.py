@@ -51,6 +51,7 @@ def test_config_applies_overrides(capsys):
         (("eval", "pooling=meen"), "Available pooling options: .*mean"),
         (("eval", "train.lrr=1"), "Could not override 'train.lrr'"),
         (("eval", "+pooling._target_=os.system"), "never imports code named in a config"),
+        (("eval", "+hydra.callbacks.x._target_=os.system"), "sets hydra.callbacks.x._target_: embplex never imports"),
         (("eval", "pooling.exclude_instructon=false"), "exclude_instructon"),
     ],
 )
@@ -79,7 +80,9 @@ def test_encode_writes_one_row_per_input_line(capsys, tmp_path, tiny_bert_path):
 
 
 def test_encode_missing_input_file_is_a_clear_error(capsys, tmp_path, tiny_bert_path):
-    code, _, err = run(capsys, "encode", f"backbone.path={tiny_bert_path}", f"encode.input={tmp_path / 'nope.txt'}")
+    code, _, err = run(
+        capsys, "encode", f"backbone.path={tiny_bert_path}", f"encode.input={tmp_path / 'nope.txt'}", f"output_dir={tmp_path}"
+    )
     assert code == 2 and "does not exist" in err
 
 
