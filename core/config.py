@@ -64,7 +64,8 @@ def compose_config(
 def finish_config(cfg: Any, registry: Registry) -> dict[str, Any]:
     """Turn a config Hydra composed (a ``DictConfig``, ``hydra`` node excluded) into the
     plain dict the commands run with: the one point every composed config passes before
-    it turns into work, from Python and from the command line alike.
+    it turns into work, from Python and from the command line alike (each job of a sweep
+    included), so a check that needs the installed plugins belongs here (``registry``).
 
     :raises UnsafeConfigError: the config contains ``_target_``.
     :raises ConfigError: an interpolation that does not resolve.
@@ -178,9 +179,13 @@ def refuse_target_overrides(args: Sequence[str]) -> None:
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
-        key = arg.split("=", 1)[0].lstrip("+~")
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
         if any(part in INSTANTIATION_KEYS for part in key.split(".")):
             raise _refusal(key)
+        # a hydra.* value never reaches finish_config: look inside it (`+hydra.callbacks.x={_target_: ...}`)
+        if key.split(".")[0] == "hydra" and any(name in value for name in INSTANTIATION_KEYS):
+            raise _refusal(f"{key} (a value naming {', '.join(n for n in INSTANTIATION_KEYS if n in value)})")
 
 
 _PLUGIN_CONFIG_FOLDERS: Any = None

@@ -52,6 +52,7 @@ def test_config_applies_overrides(capsys):
         (("eval", "train.lrr=1"), "Could not override 'train.lrr'"),
         (("eval", "+pooling._target_=os.system"), "never imports code named in a config"),
         (("eval", "+hydra.callbacks.x._target_=os.system"), "sets hydra.callbacks.x._target_: embplex never imports"),
+        (("eval", "+hydra.callbacks.x={_target_:os.system}"), "sets hydra.callbacks.x .a value naming _target_"),
         (("eval", "pooling.exclude_instructon=false"), "exclude_instructon"),
     ],
 )
