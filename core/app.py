@@ -26,13 +26,39 @@ from .registry import Registry
 def build_model(cfg: dict[str, Any], registry: Registry) -> EmbeddingModel:
     """Load ``model.load`` when set, else compose the configured plugins."""
     if cfg["model"].get("load"):
-        return EmbeddingModel.load(cfg["model"]["load"], registry=registry)
+        return EmbeddingModel.load(saved_model_folder(cfg["model"]["load"]), registry=registry)
     return EmbeddingModel.compose(
         backbone=component_config(cfg, "backbone"),
         attention=component_config(cfg, "attention"),
         pooling=component_config(cfg, "pooling"),
         normalize=cfg["model"]["normalize"],
         registry=registry,
+    )
+
+
+def saved_model_folder(path: str | Path) -> Path:
+    """The saved model ``model.load`` names: the folder itself, or the ``model/`` folder of
+    a run folder (what ``embplex train`` writes to ``output_dir``).
+
+    :raises ModelFileError: a run folder that holds no saved model.
+    """
+    from .model import CONFIG_FILE
+    from .training import latest_checkpoint
+
+    root = Path(path)
+    if (root / CONFIG_FILE).exists() or not root.is_dir():
+        return root  # a model folder, or nothing: EmbeddingModel.load says which
+    if (root / "model" / CONFIG_FILE).exists():
+        return root / "model"
+    checkpoint = latest_checkpoint(root)
+    hint = (
+        f"; its newest checkpoint holds one: model.load={checkpoint / 'model'}"
+        if checkpoint is not None and (checkpoint / "model" / CONFIG_FILE).exists()
+        else "; train into it first (embplex train output_dir=...), or pass a model folder"
+    )
+    raise ModelFileError(
+        f"model.load={root} holds no saved model: neither {root / CONFIG_FILE} nor "
+        f"{root / 'model' / CONFIG_FILE} exists (a run that failed or has not finished){hint}."
     )
 
 
@@ -302,7 +328,8 @@ def run_quickstart(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     from . import evaluation
     from .data import load_beir
 
-    evaluation.write_results(output_dir(cfg) / "quickstart.json", {"before": before, "after": after})
+    change = evaluation.paired_change(before, after, n=cfg["eval"]["bootstrap"])
+    evaluation.write_results(output_dir(cfg) / "quickstart.json", {"before": before, "after": after, "change": change})
     print("4/4 saving the index of the corpus and answering a sample query", flush=True)
     index = built[0]  # the evaluation already embedded the whole corpus: reuse it
     index.built_from = index_provenance(cfg, model)
@@ -311,7 +338,7 @@ def run_quickstart(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     query = cfg["search"].get("query") or "Vitamin D deficiency is associated with a higher risk of infection."
     hits = search(model, index, query, cfg["search"]["k"])
     print()
-    print(format_comparison(before, after))
+    print(format_comparison(before, after, change))
     print()
     print(f"query: {query}")
     for rank, (doc_id, score) in enumerate(hits[:5], 1):
@@ -327,12 +354,21 @@ def metric_names(results: dict[str, Any]) -> list[str]:
     return [name for name in results if f"{name}_ci" in results]
 
 
-def format_comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
-    rows = [("metric", "before", "after", "change")]
+def format_comparison(
+    before: dict[str, Any], after: dict[str, Any], change: dict[str, dict[str, Any]] | None = None
+) -> str:
+    """The before/after table; with ``change`` (:func:`embplex.evaluation.paired_change`),
+    the paired 95% interval of each change, which says whether it exceeds the noise."""
+    header = ("metric", "before", "after", "change", "change 95% CI (paired)")
+    rows = [header if change else header[:4]]
     for name in metric_names(before):
         old, new = before[name], after[name]
-        rows.append((name, f"{old:.2f}", f"{new:.2f}", f"{new - old:+.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        row = (name, f"{old:.2f}", f"{new:.2f}", f"{new - old:+.2f}")
+        if change:
+            low, high = change[name]["change_ci"]
+            row += (f"[{low:+.2f}, {high:+.2f}]",)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

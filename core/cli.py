@@ -9,6 +9,11 @@
     embplex config   [overrides...]   print the composed configuration
 
 Overrides are Hydra's: ``pooling=cls``, ``loss.temperature=0.02``, ``experiment=<recipe>``.
+Each command but plugins is a Hydra application: ``-m`` sweeps comma-separated values
+(``-m pooling=mean,cls``, one folder per job and a summary), ``hydra/launcher=joblib`` runs
+the jobs in parallel, ``--cfg job``, ``--info``, ``--help`` (config groups and their
+options), ``--shell-completion install=bash``. A run writes to output_dir, with Hydra's
+.hydra/ folder. Exit status: 0 done, 1 a sweep job failed, 2 bad input (nothing ran).
 """
 
 from __future__ import annotations
@@ -17,55 +22,52 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import EmbplexError
+
+if TYPE_CHECKING:
+    from .config import Job
 
 COMMANDS = ("train", "eval", "encode", "index", "quickstart", "plugins", "config")
 QUICKSTART_DEFAULTS = ["experiment=quickstart"]
 
-
-def _configured(argv: Sequence[str], defaults: Sequence[str] = ()) -> tuple[dict[str, Any], Any]:
-    from .config import compose_config
-    from .registry import load_registry
-
-    registry = load_registry()
-    return compose_config([*defaults, *argv], registry=registry), registry
+# Each command's body takes the plain config and the registry and returns the job's
+# headline metrics (numbers), which a sweep's summary tabulates. OBJECTIVES names the one
+# a command returns to an optimising sweeper (hydra/sweeper=optuna); None: the first.
+Headline = dict[str, Any]
+OBJECTIVES = {"train": "loss", "eval": None, "quickstart": None}
 
 
-def cmd_train(argv: Sequence[str]) -> int:
+def cmd_train(cfg: dict[str, Any], registry: Any) -> Headline:
     from .app import run_train
 
-    cfg, registry = _configured(argv)
     result = run_train(cfg, registry)
     print(f"trained {result.step} steps; final loss {result.loss:.4f}; model saved to {result.model_path}")
-    return 0
+    return {"loss": result.loss, "steps": result.step}
 
 
-def cmd_eval(argv: Sequence[str]) -> int:
+def cmd_eval(cfg: dict[str, Any], registry: Any) -> Headline:
     from .app import metric_names, output_dir, run_eval
 
-    cfg, registry = _configured(argv)
     results = run_eval(cfg, registry)
     for name in metric_names(results):
         low, high = results[f"{name}_ci"]
         print(f"{name:>12}: {results[name]:.2f}  (95% CI {low:.2f}-{high:.2f})")
     print(f"results written to {output_dir(cfg) / cfg['eval']['output']}")
-    return 0
+    return {name: results[name] for name in metric_names(results)}
 
 
-def cmd_encode(argv: Sequence[str]) -> int:
+def cmd_encode(cfg: dict[str, Any], registry: Any) -> Headline:
     from .app import run_encode
 
-    cfg, registry = _configured(argv)
     print(f"embeddings written to {run_encode(cfg, registry)}")
-    return 0
+    return {}
 
 
-def cmd_index(argv: Sequence[str]) -> int:
+def cmd_index(cfg: dict[str, Any], registry: Any) -> Headline:
     from .app import output_dir, run_index, search
 
-    cfg, registry = _configured(argv)
     from .app import build_model
 
     model = build_model(cfg, registry)
@@ -74,21 +76,19 @@ def cmd_index(argv: Sequence[str]) -> int:
     if cfg["search"].get("query"):
         for rank, (doc_id, score) in enumerate(search(model, index, cfg["search"]["query"], cfg["search"]["k"]), 1):
             print(f"{rank:>3}. [{score:.3f}] {doc_id}: {corpus[doc_id][:100]}")
-    return 0
+    return {"documents": len(index)}
 
 
-def cmd_quickstart(argv: Sequence[str]) -> int:
-    from .app import run_quickstart
+def cmd_quickstart(cfg: dict[str, Any], registry: Any) -> Headline:
+    from .app import metric_names, run_quickstart
 
-    cfg, registry = _configured(argv, defaults=QUICKSTART_DEFAULTS)
-    run_quickstart(cfg, registry)
-    return 0
+    outcome = run_quickstart(cfg, registry)
+    return {name: outcome["after"][name] for name in metric_names(outcome["after"])}
 
 
-def cmd_config(argv: Sequence[str]) -> int:
-    cfg, _ = _configured(argv)
+def cmd_config(cfg: dict[str, Any], registry: Any) -> Headline:
     print(json.dumps(cfg, indent=2))
-    return 0
+    return {}
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:
@@ -151,15 +151,78 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {
+HANDLERS: dict[str, Callable[[dict[str, Any], Any], Headline]] = {
     "train": cmd_train,
     "eval": cmd_eval,
     "encode": cmd_encode,
     "index": cmd_index,
     "quickstart": cmd_quickstart,
-    "plugins": cmd_plugins,
     "config": cmd_config,
 }
+COMMAND_DEFAULTS = {"quickstart": QUICKSTART_DEFAULTS}
+SHELL_COMPLETION = ("-sc", "--shell-completion")
+
+
+def run_command(command: str, argv: Sequence[str]) -> int:
+    """``embplex <command> <argv>``: one Hydra run, or a sweep with ``-m``."""
+    from . import sweep
+    from .config import compose_config, run_hydra_app
+    from .registry import load_registry
+
+    registry = load_registry()
+    argv = [*COMMAND_DEFAULTS.get(command, ()), *argv]
+    if command == "config" and not any(arg.startswith("-") for arg in argv):
+        # plain `embplex config`: print the composed config; no run folder is made
+        cmd_config(compose_config(argv, registry=registry), registry)
+        return 0
+    sweep.last_summary = None
+    run_hydra_app(command, argv, lambda cfg, job: _run_job(command, cfg, registry, job), registry)
+    if sweep.last_summary is not None and sweep.last_summary["failed"]:
+        return 1
+    return 0
+
+
+def _run_job(command: str, cfg: dict[str, Any], registry: Any, job: "Job") -> float | None:
+    """One job. Alone, its errors propagate (exit 2 with the message). In a sweep, an error
+    is recorded in the job's ``job.json`` and the sweep goes on."""
+    from .sweep import write_job_record
+
+    if not job.multirun:
+        return _objective(command, HANDLERS[command](cfg, registry))
+    label = " ".join(job.overrides) or "(no overrides)"
+    print(f"job {job.num} [{label}] -> {job.output_dir}", flush=True)
+    record = {"command": command, "num": job.num, "overrides": job.overrides, "sweep_dir": job.sweep_dir}
+    try:
+        metrics = HANDLERS[command](cfg, registry)
+    except Exception as exc:  # any job's failure, a bug included: the others still run
+        print(f"embplex {command}: job {job.num} failed: {exc}", file=sys.stderr, flush=True)
+        write_job_record(job.output_dir, error=exc, **record)
+        return float("nan")
+    write_job_record(job.output_dir, metrics=metrics, **record)
+    return _objective(command, metrics)
+
+
+def _objective(command: str, metrics: Headline) -> float | None:
+    if command not in OBJECTIVES or not metrics:
+        return None
+    name = OBJECTIVES[command] or next(iter(metrics))
+    return float(metrics[name])
+
+
+def _complete_shell(argv: Sequence[str]) -> int:
+    """Answer the bash completion script (``embplex -sc query=bash``, the line in COMP_LINE):
+    command names first, then the command's Hydra completion of overrides."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split(" ")
+    if len(words) <= 2:  # still typing the command
+        print(" ".join(c for c in COMMANDS if c.startswith(words[-1] if len(words) == 2 else "")))
+        return 0
+    command = words[1]
+    if command not in HANDLERS:
+        return 0
+    # Hydra completes the words after the program name: leave the command out of the line
+    os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+    return run_command(command, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,15 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in HANDLERS:
+    if command not in COMMANDS and command not in SHELL_COMPLETION:
         print(f"embplex: unknown command '{command}'. Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    if command != "plugins" and any(arg in ("-h", "--help") for arg in rest):
-        print(__doc__)
-        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return HANDLERS[command](rest)
+        if command == "plugins":
+            return cmd_plugins(rest)
+        if command in SHELL_COMPLETION:
+            return _complete_shell(argv)
+        return run_command(command, rest)
     except EmbplexError as exc:
         print(f"embplex {command}: error: {exc}", file=sys.stderr)
         return 2
@@ -187,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # embplex check turned into an EmbplexError first: still one line, naming it.
         print(f"embplex {command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+
+    except SystemExit as exc:  # Hydra's --help, a flag argparse rejects
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,24 @@
-"""The configuration layer: the only part of embplex that imports Hydra.
+"""The configuration layer: with :mod:`embplex.sweep`, the only part of embplex that imports Hydra.
 
 Configs are composed from ``embplex.conf`` plus the config folders that plugins register
 through ``register_config_paths``; the result is handed on as plain Python values. A
 config never names code to import: ``_target_`` is refused wherever it appears.
+
+Two ways in, one way out: :func:`compose_config` (Hydra's compose API, for Python and
+``embplex config``) and :func:`run_hydra_app` (the command line as a Hydra application:
+``-m`` sweeps, launchers, ``.hydra/`` folders, ``--cfg``, ``--help``); both turn the
+composed config into plain values in :func:`finish_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
-from typing import Any, Iterable, Literal, Mapping, Sequence
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from .errors import EmbplexError, UnsafeConfigError
 from .options import check_arguments, check_value
@@ -54,6 +62,21 @@ def compose_config(
             cfg = compose(config_name=config_name, overrides=[*given, *_searchpath_override(registry)])
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(_closest_key(exc, given, registry, config_name) or _explain(exc)) from None
+    return finish_config(cfg, registry)
+
+
+def finish_config(cfg: Any, registry: Registry) -> dict[str, Any]:
+    """Turn a config Hydra composed (a ``DictConfig``, ``hydra`` node excluded) into the
+    plain dict the commands run with: the one point every composed config passes before
+    it turns into work, from Python and from the command line alike (each job of a sweep
+    included), so a check that needs the installed plugins belongs here (``registry``).
+
+    :raises UnsafeConfigError: the config contains ``_target_``.
+    :raises ConfigError: an interpolation that does not resolve.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     refuse_targets(OmegaConf.to_container(cfg, resolve=False))
     try:
         composed: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
@@ -96,17 +119,24 @@ def _explain(exc: Exception) -> str:
     )
 
 
+INSTANTIATION_KEYS = ("_target_", "_partial_", "_args_")
+
+
+def _refusal(path: str) -> UnsafeConfigError:
+    return UnsafeConfigError(
+        f"the config sets {path}: embplex never imports code named in a config. "
+        "Choose a plugin by its registered name instead (e.g. pooling=mean), "
+        "or install a plugin package that registers the component."
+    )
+
+
 def refuse_targets(node: Any, where: str = "") -> None:
     """Refuse ``_target_`` anywhere: configs choose plugins by registered name only."""
     if isinstance(node, dict):
         for key, value in node.items():
             path = f"{where}.{key}" if where else str(key)
-            if key in ("_target_", "_partial_", "_args_"):
-                raise UnsafeConfigError(
-                    f"the config sets {path}: embplex never imports code named in a config. "
-                    "Choose a plugin by its registered name instead (e.g. pooling=mean), "
-                    "or install a plugin package that registers the component."
-                )
+            if key in INSTANTIATION_KEYS:
+                raise _refusal(path)
             refuse_targets(value, path)
     elif isinstance(node, list):
         for i, value in enumerate(node):
@@ -284,3 +314,164 @@ def _plain(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# The command line as a Hydra application
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What a command learns from Hydra about the job it runs, as plain values."""
+
+    command: str
+    output_dir: str  # the job's folder: Hydra's runtime output dir, where .hydra/ is saved
+    overrides: list[str] = field(default_factory=list)  # as in .hydra/overrides.yaml
+    multirun: bool = False
+    num: int | None = None  # the job's number in a sweep
+    sweep_dir: str | None = None
+
+
+def refuse_target_overrides(args: Sequence[str]) -> None:
+    """Refuse an override that sets ``_target_`` anywhere, ``hydra.*`` included: Hydra
+    would import and call what it names (a callback, a launcher) before any job runs."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if any(part in INSTANTIATION_KEYS for part in key.split(".")):
+            raise _refusal(key)
+        # a hydra.* value never reaches finish_config: look inside it (`+hydra.callbacks.x={_target_: ...}`)
+        if key.split(".")[0] == "hydra" and any(name in value for name in INSTANTIATION_KEYS):
+            raise _refusal(f"{key} (a value naming {', '.join(n for n in INSTANTIATION_KEYS if n in value)})")
+
+
+_PLUGIN_CONFIG_FOLDERS: Any = None
+
+
+def _plugin_config_folders() -> Any:
+    """The Hydra search-path plugin that adds the config folders of embplex plugins
+    (``register_config_paths``) while an embplex command runs, registered once per process.
+
+    Hydra's way to extend the search path of an application for good: ``--help``, shell
+    completion and every job of a sweep see the folders, where ``hydra.searchpath`` on
+    the command line is forgotten by ``--help``'s list of config groups. Built on first use
+    so that importing this module does not import Hydra.
+    """
+    global _PLUGIN_CONFIG_FOLDERS
+    if _PLUGIN_CONFIG_FOLDERS is None:
+        from hydra.core.config_search_path import ConfigSearchPath
+        from hydra.core.plugins import Plugins
+        from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+        class PluginConfigFolders(SearchPathPlugin):
+            paths: list[str] = []
+
+            def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+                for path in type(self).paths:
+                    search_path.append(provider="embplex-plugin", path=path)
+
+        Plugins.instance().register(PluginConfigFolders)
+        _PLUGIN_CONFIG_FOLDERS = PluginConfigFolders
+    return _PLUGIN_CONFIG_FOLDERS
+
+
+def _with_overrides(args: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """Hydra's arguments with ``extra`` overrides added: all overrides first, then the
+    flags (argparse takes overrides as one positional run; a trailing ``--info`` must not
+    swallow an override as its value)."""
+    from hydra._internal.utils import get_args_parser
+
+    overrides = get_args_parser().parse_args(list(args)).overrides
+    flags = list(args)
+    for override in overrides:
+        flags.remove(override)
+    return [*extra, *overrides, *flags]
+
+
+def run_hydra_app(
+    command: str,
+    args: Sequence[str],
+    task: Callable[[dict[str, Any], Job], Any],
+    registry: Registry,
+) -> None:
+    """Run ``embplex <command> <args>`` as a Hydra application.
+
+    ``args`` are what follows the command: overrides and Hydra's flags (``-m``, ``--cfg``,
+    ``--info``, ``--help``, ``--shell-completion``). For every job, ``task(cfg, job)`` gets
+    the plain config from :func:`finish_config` with ``output_dir`` set to the job's folder
+    (``hydra.run.dir`` for one run, ``hydra.sweep.dir``/``hydra.sweep.subdir`` in a sweep;
+    both default to ``output_dir``, see ``conf/embplex.yaml``); what it returns goes back to
+    the sweeper (an optimising sweeper such as optuna needs a number).
+
+    :raises ConfigError: Hydra could not compose or parse the overrides.
+    :raises SystemExit: Hydra's own exits (``--help``, a bad flag); the caller turns it into
+        an exit code.
+    """
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    refuse_target_overrides(args)
+    started: list[bool] = []
+    stopped: list[EmbplexError] = []
+
+    def task_function(hydra_cfg: Any) -> Any:
+        started.append(True)
+        runtime = HydraConfig.get()
+        multirun = runtime.mode == RunMode.MULTIRUN
+        job = Job(
+            command=command,
+            output_dir=runtime.runtime.output_dir,
+            overrides=list(runtime.overrides.task),
+            multirun=multirun,
+            num=runtime.job.num if multirun else None,
+            sweep_dir=str(runtime.sweep.dir) if multirun else None,
+        )
+        try:
+            cfg = finish_config(hydra_cfg, registry)
+            if os.path.abspath(cfg["output_dir"]) != os.path.abspath(job.output_dir):
+                cfg["output_dir"] = job.output_dir
+            return task(cfg, job)
+        except EmbplexError as exc:
+            if multirun:
+                raise
+            # raised again once Hydra has closed the run: its own report of a failed
+            # job would print the overrides before our message
+            stopped.append(exc)
+            return None
+
+    app = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=PRIMARY_CONFIG)(
+        task_function
+    )
+    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    # argv[0] "embplex" is the program name in usage lines and the bash completion script
+    sys.argv = ["embplex", *_with_overrides(args, [f"hydra.job.name={command}"])]
+    # errors come back to us as exceptions instead of Hydra's printout and exit 1
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    folders = _plugin_config_folders()
+    folders.paths = list(registry.config_paths)
+    try:
+        app()
+        if stopped:
+            raise stopped[0]
+    except (HydraException, OmegaConfBaseException) as exc:
+        overrides = [arg for arg in args if not arg.startswith("-")]
+        raise ConfigError(_closest_key(exc, overrides, registry, PRIMARY_CONFIG) or _explain(exc)) from None
+    except ValueError as exc:
+        if started:  # the command's own error: not Hydra's to explain
+            raise
+        raise ConfigError(_explain(exc)) from None
+    finally:
+        folders.paths = []
+        sys.argv = saved_argv
+        if saved_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()

@@ -101,6 +101,29 @@ def test_result_is_plain_python_values(registry):
     assert type(cfg) is dict and plain(cfg)
 
 
+def test_the_hydra_app_hands_commands_plain_values_through_finish_config(monkeypatch, registry, tmp_path):
+    """Both ways in (compose_config, the command line's Hydra app) pass one function,
+    finish_config, and what reaches a command holds no Hydra object."""
+    import embplex.config
+
+    finished = []
+    original = embplex.config.finish_config
+    monkeypatch.setattr(embplex.config, "finish_config", lambda cfg, reg: finished.append(1) or original(cfg, reg))
+    ran = []
+
+    compose_config(["pooling=cls"], registry=registry)
+    embplex.config.run_hydra_app(
+        "probe", ["pooling=cls", f"output_dir={tmp_path}"], lambda cfg, job: ran.append((cfg, job)), registry
+    )
+
+    assert len(finished) == 2
+    (cfg, job), = ran
+    assert type(cfg) is dict and cfg["pooling"] == {"name": "cls", "exclude_instruction": True}
+    assert "hydra" not in cfg
+    assert (job.command, job.output_dir, job.multirun, job.num) == ("probe", str(tmp_path), False, None)
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
+
+
 def test_unknown_group_option_lists_the_available_ones(registry):
     with pytest.raises(ConfigError) as raised:
         compose_config(["pooling=average"], registry=registry)

@@ -257,3 +257,50 @@ def test_file_wrappers_read_with_embplex_data(tmp_path):
     sts.write_text("sentence1\tsentence2\tscore\ndoc0\tdoc1\t4.0\ndoc0\tdoc3\t1.0\ndoc0\tdoc2\t2.5\n")
     results = evaluation.evaluate_sts_file(model, sts, bootstrap=10)
     assert results["spearman"] == pytest.approx(100.0) and results["pairs"] == 3
+
+
+# ---------------------------------------------------------------------------
+# Paired change between two evaluations of the same items
+# ---------------------------------------------------------------------------
+
+
+def _retrieval_result(per_query: np.ndarray, ids: list[str]) -> dict:
+    return {
+        "task": "retrieval",
+        "ndcg@10": 100 * float(per_query.mean()),
+        "ndcg@10_ci": [0.0, 100.0],
+        "per_item": {"ids": ids, "ndcg@10": per_query.tolist()},
+    }
+
+
+def test_paired_change_cancels_what_both_evaluations_share():
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0, 1, 200)  # queries differ a lot in difficulty...
+    after = np.clip(before + rng.normal(0.02, 0.01, 200), 0, 1)  # ...the change is small and steady
+    ids = [f"q{i}" for i in range(200)]
+
+    change = evaluation.paired_change(_retrieval_result(before, ids), _retrieval_result(after, ids), n=500)["ndcg@10"]
+
+    assert change["change"] == pytest.approx(100 * (after.mean() - before.mean()))
+    low, high = change["change_ci"]
+    assert 0 < low < change["change"] < high, "a steady gain is clear of zero once paired"
+    unpaired_low, _ = evaluation.bootstrap_ci(after, np.mean, n=500)
+    _, unpaired_high = evaluation.bootstrap_ci(before, np.mean, n=500)
+    assert unpaired_low < unpaired_high, "the separate intervals overlap: alone they could not tell"
+
+
+def test_paired_change_of_spearman_resamples_pairs_together():
+    gold = np.arange(50, dtype=float)
+    same = {"task": "sts", "spearman": 100.0, "spearman_ci": [100.0, 100.0],
+            "per_item": {"ids": list(range(50)), "cosine": (gold / 50).tolist(), "gold": gold.tolist()}}
+    change = evaluation.paired_change(same, same, n=50)["spearman"]
+    assert change == {"change": 0.0, "change_ci": [0.0, 0.0]}
+
+
+def test_paired_change_refuses_different_items():
+    a = _retrieval_result(np.array([0.1, 0.2]), ["q1", "q2"])
+    b = _retrieval_result(np.array([0.1, 0.2]), ["q1", "q3"])
+    with pytest.raises(InputError, match="same items"):
+        evaluation.paired_change(a, b)
+    with pytest.raises(InputError, match="per-item"):
+        evaluation.paired_change({"task": "retrieval"}, b)

@@ -25,7 +25,8 @@ KINDS = ("backbone", "attention", "pooling", "loss", "sampler", "index")
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Iterator[zipfile.ZipFile]:
+def built_wheel(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel built from a copy of the source, and what the build printed."""
     source = tmp_path_factory.mktemp("source")
     for path in REPO.iterdir():
         if path.is_file() and not path.name.startswith("."):
@@ -42,8 +43,29 @@ def wheel(tmp_path_factory) -> Iterator[zipfile.ZipFile]:
     )
     assert done.returncode == 0, f"building the wheel failed:\n{done.stdout}\n{done.stderr}"
     (built,) = out.glob("embplex-*.whl")
-    with zipfile.ZipFile(built) as archive:
+    return built, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(built_wheel) -> Iterator[zipfile.ZipFile]:
+    with zipfile.ZipFile(built_wheel[0]) as archive:
         yield archive
+
+
+def test_the_build_is_quiet(built_wheel):
+    """Every config folder is a declared package: setuptools has nothing to warn about."""
+    log = built_wheel[1]
+    assert "would be ignored" not in log and "absent from the `packages`" not in log, log
+
+
+def test_no_build_artefact_is_committed():
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    artefacts = [name for name in tracked if name.endswith((".whl", ".tar.gz", ".egg")) or ".egg-info/" in name]
+    assert artefacts == [], f"build artefacts committed (keep them out with .gitignore): {artefacts}"
 
 
 def _dist_info(wheel: zipfile.ZipFile) -> str:
