@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any, Callable, Sequence
 
@@ -38,7 +39,13 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     cfg, registry = _configured(argv)
     result = run_train(cfg, registry)
-    print(f"trained {result.step} steps; final loss {result.loss:.4f}; model saved to {result.model_path}")
+    if result.already_complete:
+        print(
+            f"the run in {result.model_path.parent} is already complete ({result.step} steps); model saved "
+            f"to {result.model_path}. To train again, use another output_dir or train.resume=false."
+        )
+    else:
+        print(f"trained {result.step} steps; final loss {result.loss:.4f}; model saved to {result.model_path}")
     return 0
 
 
@@ -165,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbplexError as exc:
         print(f"embplex {command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # one line, not a traceback; 130 is the shell's code for Ctrl-C
+        resume = f"; to resume, run: {shlex.join(['embplex', command, *rest])}" if getattr(exc, "checkpoint", None) else ""
+        print(f"embplex {command}: {str(exc) or 'interrupted'}{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,13 +6,80 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from .errors import ModelFileError
+
+
+# Staging names carry their writer's process id and host (".model.tmp-<pid>@<host>-<random>"),
+# so a later run can tell the leftover of a killed writer from a save still in progress.
+STALE_UNOWNED_SECONDS = 3600
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _staging_prefix(name: str) -> str:
+    return f".{name}.tmp-{_owner()}-"
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _is_stale(entry: Path, now: float) -> bool:
+    """A staging leftover whose writer is gone (or, unnamed, untouched for an hour)."""
+    marker = ".tmp-" if ".tmp-" in entry.name else ".old-"
+    owner = entry.name.split(marker, 1)[1]
+    pid, at, rest = owner.partition("@")
+    if pid.isdigit() and at:
+        host = rest.rsplit("-", 1)[0] if marker == ".tmp-" else rest
+        if host == socket.gethostname():
+            return pid != str(os.getpid()) and not _writer_alive(int(pid))
+    # another host's process, or a name from an older embplex: only its age tells
+    try:
+        return now - entry.lstat().st_mtime > STALE_UNOWNED_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_staging(folder: str | Path) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``folder``; return what was removed.
+
+    Only leftovers of writers that are no longer running are removed (see
+    :data:`STALE_UNOWNED_SECONDS` for those whose writer cannot be checked), so a save in
+    progress in another process is never touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for entry in folder.iterdir():
+        if not entry.name.startswith(".") or not (".tmp-" in entry.name or ".old-" in entry.name):
+            continue
+        if not _is_stale(entry, now):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -23,7 +90,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(path.name), dir=path.parent))
     try:
         yield staging
     except BaseException:
@@ -31,7 +98,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{_owner()}")
         if old.exists():
             shutil.rmtree(old)
         os.replace(path, old)
@@ -43,7 +110,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_staging_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

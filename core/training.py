@@ -6,16 +6,17 @@
     result = train(model, examples, loss, sampler, TrainSettings(batch_size=32, epochs=1), "runs/x")
 
 What makes resuming exact: the sampler is a pure function of ``(examples, batch_size,
-seed, epoch)``, and a checkpoint holds everything else that changes during training —
-the weights (``model.save``), the loss's own parameters, the optimizer and scheduler
-states, the Python / NumPy / torch random generators (dropout) and the position in the
+seed, epoch)`` and of its own state, and a checkpoint holds everything that changes during
+training — the weights (``model.save``), the loss's own parameters, the optimizer and
+scheduler states, the sampler's state (what it derived from the model, e.g. mined
+negatives), the Python / NumPy / torch random generators (dropout) and the position in the
 epoch. A run killed after checkpoint N and started again with the same configuration
 ends with the same weights, bit for bit, as a run that was never interrupted.
 
 Output folder::
 
     checkpoints/step-N/model/              the model at step N (loadable with embplex.load)
-    checkpoints/step-N/training_state.pt   optimizer, scheduler, RNG, position (tensors only)
+    checkpoints/step-N/training_state.pt   optimizer, scheduler, sampler, RNG, position (tensors only)
     checkpoints/step-N/trainer_state.json  step, epoch and the run's config and its hash
     metrics.csv  tensorboard/  loss.png  model/
 """
@@ -42,8 +43,22 @@ import torch
 from torch import Tensor
 
 from .components import Example, Features, Index, Loss, Sampler, TrainingBatch, TrainingContext
-from .errors import CheckpointMismatchError, InputError, ModelFileError, OptionError
-from .storage import atomic_directory, atomic_write_text, load_torch_state, read_json, write_json
+from .errors import (
+    CheckpointMismatchError,
+    EmbplexError,
+    InputError,
+    ModelFileError,
+    OptionError,
+    TrainingInterrupted,
+)
+from .storage import (
+    atomic_directory,
+    atomic_write_text,
+    load_torch_state,
+    read_json,
+    remove_stale_staging,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from .model import EmbeddingModel
@@ -87,7 +102,7 @@ class TrainSettings:
     :param seed: seeds Python, NumPy and torch, and the sampler's order.
     :param max_grad_norm: clip the gradient norm to this; ``None`` or 0 turns it off.
     :param checkpoint_every: write a checkpoint every this many steps (0: never).
-    :param keep_checkpoints: keep only the newest this many checkpoints (``None``: all).
+    :param keep_checkpoints: keep only the newest this many checkpoints (0 or ``None``: all).
     :param log_every: write metrics every this many steps.
     :param tensorboard: also write metrics for TensorBoard.
     :param progress_bar: show a tqdm progress bar.
@@ -107,7 +122,7 @@ class TrainSettings:
     seed: int = 42
     max_grad_norm: float | None = 1.0
     checkpoint_every: int = 0
-    keep_checkpoints: int | None = None
+    keep_checkpoints: int | None = 2
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
@@ -155,7 +170,7 @@ class TrainSettings:
             raise OptionError(f"training.warmup_steps must be 0 or more, not {self.warmup_steps!r}.")
         if self.checkpoint_every < 0:
             raise OptionError("training.checkpoint_every must be 0 (off) or a number of steps.")
-        if self.keep_checkpoints is not None:
+        if self.keep_checkpoints is not None and self.keep_checkpoints != 0:
             positive("keep_checkpoints", self.keep_checkpoints)
 
     def computational(self) -> dict[str, Any]:
@@ -180,6 +195,13 @@ class StepInfo:
 
 @dataclass
 class TrainResult:
+    """What a run ended with.
+
+    ``already_complete`` is true when the output folder held a checkpoint of this run at
+    its last step: nothing was trained, the model was saved from that checkpoint and
+    ``loss`` is the last one the metrics recorded.
+    """
+
     step: int
     epoch: int
     loss: float | None
@@ -187,6 +209,7 @@ class TrainResult:
     metrics_path: Path
     plot_path: Path | None
     resumed_from: Path | None
+    already_complete: bool = False
 
 
 @dataclass
@@ -352,6 +375,26 @@ def _restore_rng(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 # the run's identity
 # ---------------------------------------------------------------------------
+
+
+def _check_storable(value: Any, where: str, path: str = "") -> None:
+    """Refuse what a checkpoint cannot hold without pickling arbitrary objects."""
+    if value is None or isinstance(value, (str, int, float, bool, Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for position, item in enumerate(value):
+            _check_storable(item, where, f"{path}[{position}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise OptionError(f"{where} has a non-string key {key!r} at {path or 'the top'}; use string keys.")
+            _check_storable(item, where, f"{path}.{key}" if path else key)
+        return
+    raise OptionError(
+        f"{where} holds a {type(value).__name__} at {path or 'the top'}; a checkpoint keeps only tensors, "
+        "numbers, strings, None, and lists, tuples and dicts of these."
+    )
 
 
 def _plain(value: Any) -> bool:
@@ -536,12 +579,14 @@ class Trainer:
         import embplex
 
         path = self.output_dir / CHECKPOINTS / f"step-{progress.step}"
+        sampler_state = self._sampler_state()
         with atomic_directory(path) as staging:
             self.model.save(staging / "model")
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "loss": self.loss.state_dict(),
+                "sampler": sampler_state,
                 "rng": _capture_rng(),
                 "progress": {
                     "step": progress.step,
@@ -566,10 +611,51 @@ class Trainer:
                 },
             )
         keep = self.settings.keep_checkpoints
-        if keep is not None:
+        if keep:  # 0 or None keeps them all
             for old in list_checkpoints(self.output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def _sampler_state(self) -> dict[str, Any]:
+        """The sampler's state with what identifies whom it belongs to, checked storable."""
+        name = describe_component(self.sampler)["class"]
+        state = self.sampler.state_dict()
+        if not isinstance(state, dict):
+            raise OptionError(f"sampler {name}: state_dict() must return a dict, not {type(state).__name__}.")
+        _check_storable(state, f"sampler {name}: state_dict()")
+        return {"class": name, "data_sha256": self.config["data"]["sha256"], "state": state}
+
+    def _restore_sampler(self, checkpoint: Path, saved: Any) -> None:
+        """Give the sampler its state back, or refuse a state that is not this run's."""
+        name = describe_component(self.sampler)["class"]
+        where = checkpoint / STATE_FILE
+        if saved is None:
+            if type(self.sampler).state_dict is Sampler.state_dict:
+                return  # a checkpoint from before samplers had a state; this one keeps none
+            raise ModelFileError(
+                f"{where} holds no sampler state, which sampler {name} needs to resume exactly; "
+                "start over with train.resume=false (or another output folder)."
+            )
+        if not isinstance(saved, dict) or not {"class", "data_sha256", "state"} <= set(saved):
+            raise ModelFileError(f"{where}: the sampler state is incomplete; delete {checkpoint} to resume from an earlier checkpoint.")
+        if saved["class"] != name:
+            raise CheckpointMismatchError(
+                f"{where} holds the state of sampler {saved['class']}, not of {name} that this run "
+                "uses; resume with the sampler that wrote it, or start over with train.resume=false."
+            )
+        if saved["data_sha256"] != self.config["data"]["sha256"]:
+            raise CheckpointMismatchError(
+                f"{where} holds a sampler state derived from other training data than this run's "
+                f"{len(self.examples)} examples; resume with the data that wrote it, or start over "
+                "with train.resume=false."
+            )
+        try:
+            self.sampler.load_state_dict(saved["state"])
+        except (EmbplexError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointMismatchError(
+                f"sampler {name} refused the state in {where} ({exc}); resume with the configuration "
+                "that wrote it, or start over with train.resume=false."
+            ) from exc
 
     def check_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
         """The checkpoint's trainer state, or an error when another config wrote it."""
@@ -600,6 +686,7 @@ class Trainer:
                 f"{checkpoint / STATE_FILE} is incomplete; delete {checkpoint} to resume from an "
                 "earlier checkpoint."
             )
+        self._restore_sampler(checkpoint, state.get("sampler"))
         saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry)
         try:
             self.model.load_state_dict(saved_model.state_dict(), strict=True)
@@ -625,9 +712,8 @@ class Trainer:
         """Clean staging leftovers and pick the checkpoint to resume from, if any."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         root = self.output_dir / CHECKPOINTS
-        if root.is_dir():
-            for leftover in root.glob(".step-*"):  # a write that was interrupted
-                shutil.rmtree(leftover, ignore_errors=True)
+        for folder in (self.output_dir, root):  # what killed saves left (model, checkpoints)
+            remove_stale_staging(folder)
         checkpoint = latest_checkpoint(self.output_dir)
         if checkpoint is not None and not self.settings.resume:
             warnings.warn(
@@ -638,6 +724,34 @@ class Trainer:
             shutil.rmtree(root)
             return None
         return checkpoint
+
+    def _already_complete(self, progress: _Progress, checkpoint: Path) -> TrainResult:
+        """The result of a run whose last step is already checkpointed: nothing to train."""
+        model_path = self.output_dir / "model"
+        self.model.save(model_path)  # the checkpoint's weights, also if the final save was killed
+        last_loss = None
+        if self.metrics_path.exists():
+            with self.metrics_path.open(newline="", encoding="utf-8") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= progress.step]
+            last_loss = float(rows[-1]["loss"]) if rows else None
+        return TrainResult(
+            step=progress.step,
+            epoch=progress.epoch,
+            loss=last_loss,
+            model_path=model_path,
+            metrics_path=self.metrics_path,
+            plot_path=self.output_dir / "loss.png" if (self.output_dir / "loss.png").exists() else None,
+            resumed_from=checkpoint,
+            already_complete=True,
+        )
+
+    def _interrupted(self, step: int) -> TrainingInterrupted:
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            where = "no checkpoint was written (set train.checkpoint_every to make a run resumable)"
+        else:
+            where = f"the last checkpoint is {checkpoint}"
+        return TrainingInterrupted(f"training interrupted after step {step} of {self.total_steps}; {where}", checkpoint)
 
     # -- metrics -------------------------------------------------------------------
 
@@ -696,6 +810,8 @@ class Trainer:
         progress = _Progress()
         if checkpoint is not None:
             progress = self._restore(checkpoint, optimizer, scheduler)
+            if progress.step >= self.total_steps:
+                return self._already_complete(progress, checkpoint)
         self._start_metrics(progress.step)
         writer = None
         if settings.tensorboard:
@@ -790,13 +906,18 @@ class Trainer:
                         optimizer_step(epoch)
                     if settings.max_steps is None and progress.epoch >= settings.epochs:
                         break
+        except KeyboardInterrupt:
+            raise self._interrupted(progress.step) from None
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
 
         model_path = self.output_dir / "model"
-        self.model.save(model_path)
+        try:
+            self.model.save(model_path)
+        except KeyboardInterrupt:
+            raise self._interrupted(progress.step) from None
         return TrainResult(
             step=progress.step,
             epoch=progress.epoch,

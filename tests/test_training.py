@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import embplex
 from embplex.components import Example
-from embplex.errors import CheckpointMismatchError, ModelFileError, OptionError
+from embplex.errors import CheckpointMismatchError, ModelFileError, OptionError, TrainingInterrupted
 from embplex.training import (
     TrainSettings,
     latest_checkpoint,
@@ -280,3 +286,96 @@ def test_corrupt_checkpoint_is_reported(tiny_bert, registry, tmp_path):
     (tmp_path / "checkpoints" / "step-2" / "training_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelFileError, match="training_state.pt is corrupt"):
         _run(tiny_bert, examples, tmp_path, registry, settings)
+
+
+# -- runs that end badly -------------------------------------------------------------
+
+
+def test_rerunning_a_finished_run_reports_it_complete(tiny_bert, registry, tmp_path):
+    examples = _examples()
+    settings = _settings(max_steps=2, checkpoint_every=2)
+    first = _run(tiny_bert, examples, tmp_path, registry, settings)
+    again = _run(tiny_bert, examples, tmp_path, registry, settings)
+    assert not first.already_complete
+    assert again.already_complete and again.step == 2 and again.resumed_from == tmp_path / "checkpoints" / "step-2"
+    assert again.loss == pytest.approx(first.loss)  # the last loss the metrics recorded
+    assert len(_metrics(again.metrics_path)) == 2  # nothing was trained or logged again
+    expected = embplex.load(first.model_path, registry=registry).state_dict()
+    for name, tensor in embplex.load(again.model_path, registry=registry).state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_ctrl_c_names_the_last_checkpoint(tiny_bert, registry, tmp_path):
+    def interrupt(info):
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    settings = _settings(max_steps=4, checkpoint_every=2)
+    with pytest.raises(TrainingInterrupted, match=r"after step 3 of 4; the last checkpoint is .*step-2") as caught:
+        _run(tiny_bert, _examples(), tmp_path / "with", registry, settings, [interrupt])
+    assert isinstance(caught.value, KeyboardInterrupt) and caught.value.checkpoint == tmp_path / "with" / "checkpoints" / "step-2"
+    with pytest.raises(TrainingInterrupted, match="no checkpoint was written") as caught:
+        _run(tiny_bert, _examples(), tmp_path / "without", registry, _settings(max_steps=4), [interrupt])
+    assert caught.value.checkpoint is None
+
+
+def test_checkpoints_keep_the_newest_two_by_default(tiny_bert, registry, tmp_path):
+    assert TrainSettings().keep_checkpoints == 2
+    _run(tiny_bert, _examples(), tmp_path / "default", registry, _settings(max_steps=4, checkpoint_every=1))
+    assert [p.name for p in list_checkpoints(tmp_path / "default")] == ["step-3", "step-4"]
+    _run(tiny_bert, _examples(), tmp_path / "all", registry, _settings(max_steps=4, checkpoint_every=1, keep_checkpoints=0))
+    assert [p.name for p in list_checkpoints(tmp_path / "all")] == [f"step-{s}" for s in range(1, 5)]
+    with pytest.raises(OptionError, match="keep_checkpoints"):
+        TrainSettings(keep_checkpoints=-1).check()
+
+
+def test_stale_staging_folders_are_removed_when_a_run_starts(tiny_bert, registry, tmp_path):
+    # a process killed inside an atomic save (as by SIGKILL during the final model save)
+    code = (
+        "import os, signal, sys\n"
+        "from embplex.storage import atomic_directory\n"
+        "with atomic_directory(sys.argv[1]) as staging:\n"
+        "    (staging / 'weights').write_bytes(b'0' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")])
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = list(tmp_path.glob(".model.tmp-*"))
+    assert len(leftovers) == 1
+    _run(tiny_bert, _examples(), tmp_path, registry, _settings(max_steps=1))
+    assert not leftovers[0].exists() and (tmp_path / "model").is_dir()
+
+
+
+def test_staging_folders_of_live_writers_are_kept(tmp_path):
+    from embplex.storage import STALE_UNOWNED_SECONDS, atomic_directory, remove_stale_staging
+
+    host = socket.gethostname()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".model.tmp-{gone.pid}@{host}-abcd1234",
+            "alive": f".model.tmp-{alive.pid}@{host}-abcd1234",
+            "other host": f".model.tmp-{gone.pid}@not-{host}-abcd1234",
+            "old name, old": ".model.tmp-k3j4h5g6",
+            "old name, fresh": ".model.tmp-a1b2c3d4",
+            "swap": f".step-2.old-{gone.pid}@{host}",
+        }
+        for name in names.values():
+            (tmp_path / name).mkdir()
+        (tmp_path / ".metrics.csv.tmp-1@x-y").write_text("")  # a file left by atomic_write_text
+        long_ago = time.time() - STALE_UNOWNED_SECONDS - 60
+        os.utime(tmp_path / names["old name, old"], (long_ago, long_ago))
+        os.utime(tmp_path / ".metrics.csv.tmp-1@x-y", (long_ago, long_ago))
+        with atomic_directory(tmp_path / "model") as staging:  # a save in progress in this process
+            removed = {p.name for p in remove_stale_staging(tmp_path)}
+            assert staging.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    assert removed == {names["dead"], names["old name, old"], names["swap"], ".metrics.csv.tmp-1@x-y"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["alive"], names["other host"], names["old name, fresh"], "model"]
+    )
