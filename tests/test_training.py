@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import embplex
-from embplex.components import Example
+from embplex.components import Example, Sampler
 from embplex.errors import CheckpointMismatchError, ModelFileError, OptionError, TrainingInterrupted
 from embplex.training import (
     TrainSettings,
@@ -306,25 +307,28 @@ def test_rerunning_a_finished_run_reports_it_complete(tiny_bert, registry, tmp_p
 
 
 def test_ctrl_c_names_the_last_checkpoint(tiny_bert, registry, tmp_path):
-    def interrupt(info):
-        if info.step == 3:
-            raise KeyboardInterrupt
+    def interrupt_at(step):
+        def callback(info):
+            if info.step == step:
+                raise KeyboardInterrupt
+
+        return callback
 
     settings = _settings(max_steps=4, checkpoint_every=2)
     with pytest.raises(TrainingInterrupted, match=r"after step 3 of 4; the last checkpoint is .*step-2") as caught:
-        _run(tiny_bert, _examples(), tmp_path / "with", registry, settings, [interrupt])
+        _run(tiny_bert, _examples(), tmp_path / "with", registry, settings, [interrupt_at(3)])
     assert isinstance(caught.value, KeyboardInterrupt) and caught.value.checkpoint == tmp_path / "with" / "checkpoints" / "step-2"
-    with pytest.raises(TrainingInterrupted, match="no checkpoint was written") as caught:
-        _run(tiny_bert, _examples(), tmp_path / "without", registry, _settings(max_steps=4), [interrupt])
+    with pytest.raises(TrainingInterrupted, match="after step 1 of 4; no checkpoint was written") as caught:
+        _run(tiny_bert, _examples(), tmp_path / "without", registry, _settings(max_steps=4), [interrupt_at(1)])
     assert caught.value.checkpoint is None
 
 
 def test_checkpoints_keep_the_newest_two_by_default(tiny_bert, registry, tmp_path):
     assert TrainSettings().keep_checkpoints == 2
-    _run(tiny_bert, _examples(), tmp_path / "default", registry, _settings(max_steps=4, checkpoint_every=1))
-    assert [p.name for p in list_checkpoints(tmp_path / "default")] == ["step-3", "step-4"]
-    _run(tiny_bert, _examples(), tmp_path / "all", registry, _settings(max_steps=4, checkpoint_every=1, keep_checkpoints=0))
-    assert [p.name for p in list_checkpoints(tmp_path / "all")] == [f"step-{s}" for s in range(1, 5)]
+    _run(tiny_bert, _examples(), tmp_path / "default", registry, _settings(max_steps=3, checkpoint_every=1))
+    assert [p.name for p in list_checkpoints(tmp_path / "default")] == ["step-2", "step-3"]
+    _run(tiny_bert, _examples(), tmp_path / "all", registry, _settings(max_steps=3, checkpoint_every=1, keep_checkpoints=0))
+    assert [p.name for p in list_checkpoints(tmp_path / "all")] == ["step-1", "step-2", "step-3"]
     with pytest.raises(OptionError, match="keep_checkpoints"):
         TrainSettings(keep_checkpoints=-1).check()
 
@@ -379,3 +383,113 @@ def test_staging_folders_of_live_writers_are_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [names["alive"], names["other host"], names["old name, fresh"], "model"]
     )
+
+
+# -- samplers that read the model ------------------------------------------------------
+
+
+class HardestNegativeSampler(Sampler):
+    """Mines with the live model at the start of each epoch: every batch is an anchor plus
+    the examples whose positives the model finds closest to it (in-batch hard negatives)."""
+
+    def __init__(self) -> None:
+        self.plan: dict | None = None  # {"epoch": e, "batches": [[i, j], ...]}
+
+    def batches(self, examples, batch_size, seed, epoch, context):
+        if self.plan is None or self.plan["epoch"] != epoch:
+            self.plan = {"epoch": epoch, "batches": self._mine(examples, batch_size, seed, epoch, context.model)}
+        yield from (list(batch) for batch in self.plan["batches"])
+
+    def _mine(self, examples, batch_size, seed, epoch, model):
+        anchors = model.encode([e.anchor for e in examples], convert_to="torch")
+        positives = model.encode([e.positive for e in examples], convert_to="torch")
+        similarity = anchors @ positives.T
+        unused = set(range(len(examples)))
+        plan = []
+        for first in self.permutation(len(examples), seed, epoch):
+            if first not in unused:
+                continue
+            unused.discard(first)
+            batch = [first]
+            while unused and len(batch) < batch_size:
+                hardest = max(unused, key=lambda j: float(similarity[first, j]))
+                unused.discard(hardest)
+                batch.append(hardest)
+            plan.append(batch)
+        return plan
+
+    def state_dict(self):
+        return {"plan": self.plan}
+
+    def load_state_dict(self, state):
+        self.plan = state["plan"]
+
+
+def _recorded_batches(monkeypatch) -> list[list[str]]:
+    """The anchors of every batch the trainer trains on, in order."""
+    import embplex.training as training
+
+    seen: list[list[str]] = []
+
+    def recording(backbone, examples):
+        seen.append([e.anchor for e in examples])
+        return make_training_batch(backbone, examples)
+
+    monkeypatch.setattr(training, "make_training_batch", recording)
+    return seen
+
+
+def _mining_run(path, examples, output, registry, callbacks=(), sampler=None):
+    settings = _settings(batch_size=2, max_steps=4, checkpoint_every=2, lr=5e-3)
+    return train(
+        _model(path), examples, registry.create("loss", "infonce"), sampler or HardestNegativeSampler(),
+        settings, output, registry=registry, callbacks=callbacks,
+    )
+
+
+def test_a_mining_sampler_resumes_exactly(tiny_bert, registry, tmp_path, monkeypatch):
+    examples = _examples(6, negatives=False)
+    seen = _recorded_batches(monkeypatch)
+    straight = _mining_run(tiny_bert, examples, tmp_path / "straight", registry)
+    straight_batches = list(seen)
+    seen.clear()
+    with pytest.raises(Killed):
+        _mining_run(tiny_bert, examples, tmp_path / "resumed", registry, [_kill_at(3)])
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-2"
+    del seen[2:]  # the step the kill threw away is trained again after the resume
+    resumed = _mining_run(tiny_bert, examples, tmp_path / "resumed", registry)
+    assert resumed.resumed_from is not None
+    assert seen == straight_batches  # batch by batch, the restored plan and not a re-mined one
+    expected = embplex.load(straight.model_path, registry=registry).state_dict()
+    for name, tensor in embplex.load(resumed.model_path, registry=registry).state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_sampler_state_from_another_run_is_refused_before_training(tiny_bert, registry, tmp_path, monkeypatch):
+    examples = _examples(12, negatives=False)
+    for name, sampler, data in [
+        ("sampler", registry.create("sampler", "random"), examples[:6]),
+        ("data", HardestNegativeSampler(), examples[6:]),
+    ]:
+        with pytest.raises(Killed):
+            _mining_run(tiny_bert, data, tmp_path / name, registry, [_kill_at(3)], sampler=sampler)
+    target = tmp_path / "target"
+    with pytest.raises(Killed):
+        _mining_run(tiny_bert, examples[:6], target, registry, [_kill_at(3)])
+    checkpoint = target / "checkpoints" / "step-2"
+    seen = _recorded_batches(monkeypatch)
+    for name, message in [("sampler", "holds the state of sampler .*RandomSampler"), ("data", "holds a sampler state derived from other training data")]:
+        shutil.copyfile(tmp_path / name / "checkpoints" / "step-2" / "training_state.pt", checkpoint / "training_state.pt")
+        with pytest.raises(CheckpointMismatchError, match=f"{checkpoint / 'training_state.pt'} {message}"):
+            _mining_run(tiny_bert, examples[:6], target, registry)
+        assert seen == [] and latest_checkpoint(target) == checkpoint  # nothing trained, nothing lost
+
+
+def test_a_sampler_state_that_a_checkpoint_cannot_hold_is_refused(tiny_bert, registry, tmp_path):
+    class Unstorable(HardestNegativeSampler):
+        def state_dict(self):
+            return {"plan": {"epoch": 0, "index": object()}}
+
+    with pytest.raises(OptionError, match=r"state_dict\(\) holds a object at plan.index"):
+        _mining_run(tiny_bert, _examples(6, negatives=False), tmp_path, registry, sampler=Unstorable())
+    assert latest_checkpoint(tmp_path) is None
