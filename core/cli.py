@@ -42,7 +42,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     if result.already_complete:
         print(
             f"the run in {result.model_path.parent} is already complete ({result.step} steps); model saved "
-            f"to {result.model_path}. To train again, use another output_dir or train.resume=false."
+            f"to {result.model_path}. To train further, start from it with model.load={result.model_path} "
+            "and another output_dir; to train again, train.resume=false."
         )
     else:
         print(f"trained {result.step} steps; final loss {result.loss:.4f}; model saved to {result.model_path}")

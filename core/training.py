@@ -95,7 +95,9 @@ class TrainSettings:
     :param max_steps: optimizer steps to run; sets the length of the schedule.
     :param lr: peak learning rate of AdamW.
     :param weight_decay: AdamW decay, not applied to biases and norm weights.
-    :param warmup_ratio: share of the steps with a linearly rising learning rate.
+    :param warmup_ratio: share of the steps with a linearly rising learning rate
+        (``ceil(ratio × steps)`` steps, rising from 0: with any warm-up, step 1 runs at
+        learning rate 0, which matters in very short runs).
     :param warmup_steps: the same as a step count; overrides ``warmup_ratio``.
     :param grad_accumulation: micro-batches per optimizer step.
     :param bf16: run forward passes under bfloat16 autocast.

@@ -422,6 +422,8 @@ class HardestNegativeSampler(Sampler):
         return {"plan": self.plan}
 
     def load_state_dict(self, state):
+        if set(state) != {"plan"}:
+            raise ValueError(f"not a HardestNegativeSampler state: keys {sorted(state)}")
         self.plan = state["plan"]
 
 
