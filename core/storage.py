@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -40,15 +41,21 @@ def _writer_alive(pid: int) -> bool:
     return True
 
 
+# what atomic_directory / atomic_write_text name their staging and swap entries: with the
+# writer ("<pid>@<host>"), or without (older embplex); tempfile adds 8 characters
+_STAGING = re.compile(r"\..+\.(?:tmp-(?P<pid>\d+)@(?P<host>.+)-[a-z0-9_]{8}|old-(?P<old_pid>\d+)@(?P<old_host>.+))")
+_UNOWNED_STAGING = re.compile(r"\..+\.(?:tmp-[a-z0-9_]{8}|old-\d+)")
+
+
 def _is_stale(entry: Path, now: float) -> bool:
     """A staging leftover whose writer is gone (or, unnamed, untouched for an hour)."""
-    marker = ".tmp-" if ".tmp-" in entry.name else ".old-"
-    owner = entry.name.split(marker, 1)[1]
-    pid, at, rest = owner.partition("@")
-    if pid.isdigit() and at:
-        host = rest.rsplit("-", 1)[0] if marker == ".tmp-" else rest
-        if host == socket.gethostname():
-            return pid != str(os.getpid()) and not _writer_alive(int(pid))
+    owned = _STAGING.fullmatch(entry.name)
+    if owned is None and _UNOWNED_STAGING.fullmatch(entry.name) is None:
+        return False  # not ours: never touched
+    if owned is not None:
+        pid = owned["pid"] or owned["old_pid"]
+        if (owned["host"] or owned["old_host"]) == socket.gethostname():
+            return int(pid) != os.getpid() and not _writer_alive(int(pid))
     # another host's process, or a name from an older embplex: only its age tells
     try:
         return now - entry.lstat().st_mtime > STALE_UNOWNED_SECONDS
@@ -69,8 +76,6 @@ def remove_stale_staging(folder: str | Path) -> list[Path]:
     now = time.time()
     removed = []
     for entry in folder.iterdir():
-        if not entry.name.startswith(".") or not (".tmp-" in entry.name or ".old-" in entry.name):
-            continue
         if not _is_stale(entry, now):
             continue
         if entry.is_dir() and not entry.is_symlink():

@@ -917,6 +917,9 @@ class Trainer:
 
         model_path = self.output_dir / "model"
         try:
+            if settings.checkpoint_every and progress.step % settings.checkpoint_every:
+                # the last step is checkpointed too, so a rerun knows the run is complete
+                self._save_checkpoint(progress, optimizer, scheduler)
             self.model.save(model_path)
         except KeyboardInterrupt:
             raise self._interrupted(progress.step) from None

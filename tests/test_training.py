@@ -294,13 +294,14 @@ def test_corrupt_checkpoint_is_reported(tiny_bert, registry, tmp_path):
 
 def test_rerunning_a_finished_run_reports_it_complete(tiny_bert, registry, tmp_path):
     examples = _examples()
-    settings = _settings(max_steps=2, checkpoint_every=2)
+    settings = _settings(max_steps=3, checkpoint_every=2)
     first = _run(tiny_bert, examples, tmp_path, registry, settings)
-    again = _run(tiny_bert, examples, tmp_path, registry, settings)
     assert not first.already_complete
-    assert again.already_complete and again.step == 2 and again.resumed_from == tmp_path / "checkpoints" / "step-2"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]  # the last step too
+    again = _run(tiny_bert, examples, tmp_path, registry, settings)
+    assert again.already_complete and again.step == 3 and again.resumed_from == tmp_path / "checkpoints" / "step-3"
     assert again.loss == pytest.approx(first.loss)  # the last loss the metrics recorded
-    assert len(_metrics(again.metrics_path)) == 2  # nothing was trained or logged again
+    assert len(_metrics(again.metrics_path)) == 3  # nothing was trained or logged again
     expected = embplex.load(first.model_path, registry=registry).state_dict()
     for name, tensor in embplex.load(again.model_path, registry=registry).state_dict().items():
         assert torch.equal(tensor, expected[name]), name
@@ -369,19 +370,20 @@ def test_staging_folders_of_live_writers_are_kept(tmp_path):
         }
         for name in names.values():
             (tmp_path / name).mkdir()
-        (tmp_path / ".metrics.csv.tmp-1@x-y").write_text("")  # a file left by atomic_write_text
+        (tmp_path / ".metrics.csv.tmp-1@x-abcd1234").write_text("")  # a file left by atomic_write_text
+        (tmp_path / ".notes.tmp-mine").write_text("")  # not a name embplex writes
         long_ago = time.time() - STALE_UNOWNED_SECONDS - 60
-        os.utime(tmp_path / names["old name, old"], (long_ago, long_ago))
-        os.utime(tmp_path / ".metrics.csv.tmp-1@x-y", (long_ago, long_ago))
+        for name in (names["old name, old"], ".metrics.csv.tmp-1@x-abcd1234", ".notes.tmp-mine"):
+            os.utime(tmp_path / name, (long_ago, long_ago))
         with atomic_directory(tmp_path / "model") as staging:  # a save in progress in this process
             removed = {p.name for p in remove_stale_staging(tmp_path)}
             assert staging.exists()
     finally:
         alive.kill()
         alive.wait()
-    assert removed == {names["dead"], names["old name, old"], names["swap"], ".metrics.csv.tmp-1@x-y"}
+    assert removed == {names["dead"], names["old name, old"], names["swap"], ".metrics.csv.tmp-1@x-abcd1234"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names["alive"], names["other host"], names["old name, fresh"], "model"]
+        [names["alive"], names["other host"], names["old name, fresh"], ".notes.tmp-mine", "model"]
     )
 
 
