@@ -729,22 +729,34 @@ class Trainer:
 
     def _already_complete(self, progress: _Progress, checkpoint: Path) -> TrainResult:
         """The result of a run whose last step is already checkpointed: nothing to train."""
-        model_path = self.output_dir / "model"
-        self.model.save(model_path)  # the checkpoint's weights, also if the final save was killed
-        last_loss = None
-        if self.metrics_path.exists():
-            with self.metrics_path.open(newline="", encoding="utf-8") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= progress.step]
-            last_loss = float(rows[-1]["loss"]) if rows else None
+        self.model.save(self.output_dir / "model")  # the checkpoint's weights, also if the final save was killed
+        rows = self._metric_rows(progress.step)
+        plot = self.output_dir / "loss.png"
+        return self._result(
+            progress,
+            float(rows[-1]["loss"]) if rows else None,
+            plot if plot.exists() else None,
+            checkpoint,
+            already_complete=True,
+        )
+
+    def _result(
+        self,
+        progress: _Progress,
+        loss: float | None,
+        plot_path: Path | None,
+        resumed_from: Path | None,
+        already_complete: bool = False,
+    ) -> TrainResult:
         return TrainResult(
             step=progress.step,
             epoch=progress.epoch,
-            loss=last_loss,
-            model_path=model_path,
+            loss=loss,
+            model_path=self.output_dir / "model",
             metrics_path=self.metrics_path,
-            plot_path=self.output_dir / "loss.png" if (self.output_dir / "loss.png").exists() else None,
-            resumed_from=checkpoint,
-            already_complete=True,
+            plot_path=plot_path,
+            resumed_from=resumed_from,
+            already_complete=already_complete,
         )
 
     def _interrupted(self, step: int) -> TrainingInterrupted:
@@ -763,13 +775,16 @@ class Trainer:
 
     def _start_metrics(self, up_to_step: int) -> None:
         """A fresh metrics file, or on resume the old one without rows past the checkpoint."""
-        rows: list[dict[str, str]] = []
-        if up_to_step and self.metrics_path.exists():
-            with self.metrics_path.open(newline="", encoding="utf-8") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
+        rows = self._metric_rows(up_to_step) if up_to_step else []
         lines = [",".join(METRICS_COLUMNS)]
         lines += [",".join(row[c] for c in METRICS_COLUMNS) for row in rows]
         atomic_write_text(self.metrics_path, "\n".join(lines) + "\n")
+
+    def _metric_rows(self, up_to_step: int) -> list[dict[str, str]]:
+        if not self.metrics_path.exists():
+            return []
+        with self.metrics_path.open(newline="", encoding="utf-8") as handle:
+            return [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
 
     def _log(self, writer: Any, step: int, epoch: int, loss: float, lr: float, elapsed: float) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
@@ -915,23 +930,14 @@ class Trainer:
             if writer is not None:
                 writer.close()
 
-        model_path = self.output_dir / "model"
         try:
             if settings.checkpoint_every and progress.step % settings.checkpoint_every:
                 # the last step is checkpointed too, so a rerun knows the run is complete
                 self._save_checkpoint(progress, optimizer, scheduler)
-            self.model.save(model_path)
+            self.model.save(self.output_dir / "model")
         except KeyboardInterrupt:
             raise self._interrupted(progress.step) from None
-        return TrainResult(
-            step=progress.step,
-            epoch=progress.epoch,
-            loss=last_loss,
-            model_path=model_path,
-            metrics_path=self.metrics_path,
-            plot_path=self._plot(),
-            resumed_from=checkpoint,
-        )
+        return self._result(progress, last_loss, self._plot(), checkpoint)
 
 
 def train(
