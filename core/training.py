@@ -13,7 +13,11 @@ negatives), the Python / NumPy / torch random generators (dropout) and the posit
 epoch. A run killed after checkpoint N and started again with the same configuration
 ends with the same weights, bit for bit, as a run that was never interrupted.
 
-Output folder::
+A rerun whose newest checkpoint is the last step trains nothing and reports
+``already_complete``; Ctrl-C raises :class:`~embplex.errors.TrainingInterrupted` naming
+the last checkpoint; a new run deletes what killed saves left (``.model.tmp-<pid>@<host>-*``).
+
+Output folder (``keep_checkpoints`` newest checkpoints, the last step's included)::
 
     checkpoints/step-N/model/              the model at step N (loadable with embplex.load)
     checkpoints/step-N/training_state.pt   optimizer, scheduler, sampler, RNG, position (tensors only)

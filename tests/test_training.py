@@ -487,6 +487,13 @@ def test_a_sampler_state_from_another_run_is_refused_before_training(tiny_bert, 
         with pytest.raises(CheckpointMismatchError, match=f"{checkpoint / 'training_state.pt'} {message}"):
             _mining_run(tiny_bert, examples[:6], target, registry)
         assert seen == [] and latest_checkpoint(target) == checkpoint  # nothing trained, nothing lost
+    # a checkpoint with no sampler state at all (as older embplex wrote them)
+    state = embplex.storage.load_torch_state(checkpoint / "training_state.pt")
+    del state["sampler"]
+    torch.save(state, checkpoint / "training_state.pt")
+    with pytest.raises(ModelFileError, match="holds no sampler state, which sampler .*HardestNegativeSampler needs"):
+        _mining_run(tiny_bert, examples[:6], target, registry)
+    assert seen == []
 
 
 def test_a_sampler_state_that_a_checkpoint_cannot_hold_is_refused(tiny_bert, registry, tmp_path):
