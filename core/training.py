@@ -6,12 +6,10 @@
     result = train(model, examples, loss, sampler, TrainSettings(batch_size=32, epochs=1), "runs/x")
 
 What makes resuming exact: the sampler is a pure function of ``(examples, batch_size,
-seed, epoch)`` and of its own state, and a checkpoint holds everything that changes during
-training — the weights (``model.save``), the loss's own parameters, the optimizer and
-scheduler states, the sampler's state (what it derived from the model, e.g. mined
-negatives), the Python / NumPy / torch random generators (dropout) and the position in the
-epoch. A run killed after checkpoint N and started again with the same configuration
-ends with the same weights, bit for bit, as a run that was never interrupted.
+seed, epoch)`` and of its own state, and a checkpoint (:mod:`embplex.checkpoints`) holds
+everything else that changes during training. A run killed after checkpoint N and
+started again with the same configuration ends with the same weights, bit for bit, as a
+run that was never interrupted.
 
 A rerun whose newest checkpoint is the last step trains nothing and reports
 ``already_complete``; Ctrl-C raises :class:`~embplex.errors.TrainingInterrupted` naming
@@ -35,10 +33,8 @@ import inspect
 import json
 import math
 import random
-import shutil
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
@@ -46,23 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoints import Checkpoints, Progress, Resumable, latest_checkpoint, list_checkpoints
 from .components import Example, Features, Index, Loss, Sampler, TrainingBatch, TrainingContext
-from .errors import (
-    CheckpointMismatchError,
-    EmbplexError,
-    InputError,
-    ModelFileError,
-    OptionError,
-    TrainingInterrupted,
-)
-from .storage import (
-    atomic_directory,
-    atomic_write_text,
-    load_torch_state,
-    read_json,
-    remove_stale_staging,
-    write_json,
-)
+from .errors import InputError, OptionError, TrainingInterrupted
+from .storage import atomic_write_text
 
 if TYPE_CHECKING:
     from .model import EmbeddingModel
@@ -74,13 +57,11 @@ __all__ = [
     "TrainSettings",
     "Trainer",
     "latest_checkpoint",
+    "list_checkpoints",
     "make_training_batch",
     "train",
 ]
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "training_state.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed")
 
@@ -218,17 +199,6 @@ class TrainResult:
     already_complete: bool = False
 
 
-@dataclass
-class _Progress:
-    """Where the run is: ``position`` micro-batches of epoch ``epoch`` are done."""
-
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-    elapsed: float = 0.0
-    log_window: list[float] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------------------
 # batches
 # ---------------------------------------------------------------------------
@@ -342,65 +312,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _capture_rng() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    _, key, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "numpy": {
-            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["key"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------------------
 # the run's identity
 # ---------------------------------------------------------------------------
-
-
-def _check_storable(value: Any, where: str, path: str = "") -> None:
-    """Refuse what a checkpoint cannot hold without pickling arbitrary objects."""
-    if value is None or isinstance(value, (str, int, float, bool, Tensor)):
-        return
-    if isinstance(value, (list, tuple)):
-        for position, item in enumerate(value):
-            _check_storable(item, where, f"{path}[{position}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise OptionError(f"{where} has a non-string key {key!r} at {path or 'the top'}; use string keys.")
-            _check_storable(item, where, f"{path}.{key}" if path else key)
-        return
-    raise OptionError(
-        f"{where} holds a {type(value).__name__} at {path or 'the top'}; a checkpoint keeps only tensors, "
-        "numbers, strings, None, and lists, tuples and dicts of these."
-    )
 
 
 def _plain(value: Any) -> bool:
@@ -440,53 +354,6 @@ def _normalised(value: Any) -> Any:
 
 def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, inner in value.items():
-            flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
-def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    old, new = _flatten(dict(saved)), _flatten(dict(current))
-    missing = object()
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, missing), new.get(key, missing)
-        if before != after:
-            show = lambda v: "(not set)" if v is missing else json.dumps(v)  # noqa: E731
-            lines.append(f"{key}: {show(before)} in the checkpoint, {show(after)} now")
-    return lines
-
-
-# ---------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    if not path.is_dir() or path.name.startswith(".") or not path.name.startswith("step-"):
-        return None
-    suffix = path.name[len("step-") :]
-    return int(suffix) if suffix.isdigit() else None
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints under ``output_dir/checkpoints``, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(step, path) for path in root.iterdir() if (step := _checkpoint_step(path)) is not None]
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
 
 
 # ---------------------------------------------------------------------------
@@ -540,6 +407,7 @@ class Trainer:
             }
         )
         self.config_hash = config_hash(self.config)
+        self.checkpoints = Checkpoints(self.output_dir, self.config, self.config_hash, settings.keep_checkpoints, registry)
         self.batches_per_epoch = max(1, sampler.num_batches(self.examples, settings.batch_size))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accumulation)
         self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
@@ -581,157 +449,11 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def _save_checkpoint(self, progress: _Progress, optimizer: Any, scheduler: Any) -> Path:
-        import embplex
-
-        path = self.output_dir / CHECKPOINTS / f"step-{progress.step}"
-        sampler_state = self._sampler_state()
-        with atomic_directory(path) as staging:
-            self.model.save(staging / "model")
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "loss": self.loss.state_dict(),
-                "sampler": sampler_state,
-                "rng": _capture_rng(),
-                "progress": {
-                    "step": progress.step,
-                    "epoch": progress.epoch,
-                    "position": progress.position,
-                    "elapsed": progress.elapsed,
-                    "log_window": torch.tensor(progress.log_window, dtype=torch.float64),
-                },
-            }
-            torch.save(state, staging / STATE_FILE)
-            write_json(
-                staging / TRAINER_STATE_FILE,
-                {
-                    "step": progress.step,
-                    "epoch": progress.epoch,
-                    "position": progress.position,
-                    "total_steps": self.total_steps,
-                    "config_hash": self.config_hash,
-                    "config": self.config,
-                    "embplex_version": embplex.__version__,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
-            )
-        keep = self.settings.keep_checkpoints
-        if keep:  # 0 or None keeps them all
-            for old in list_checkpoints(self.output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        return path
-
-    def _sampler_state(self) -> dict[str, Any]:
-        """The sampler's state with what identifies whom it belongs to, checked storable."""
-        name = describe_component(self.sampler)["class"]
-        state = self.sampler.state_dict()
-        if not isinstance(state, dict):
-            raise OptionError(f"sampler {name}: state_dict() must return a dict, not {type(state).__name__}.")
-        _check_storable(state, f"sampler {name}: state_dict()")
-        return {"class": name, "data_sha256": self.config["data"]["sha256"], "state": state}
-
-    def _restore_sampler(self, checkpoint: Path, saved: Any) -> None:
-        """Give the sampler its state back, or refuse a state that is not this run's."""
-        name = describe_component(self.sampler)["class"]
-        where = checkpoint / STATE_FILE
-        if saved is None:
-            if type(self.sampler).state_dict is Sampler.state_dict:
-                return  # a checkpoint from before samplers had a state; this one keeps none
-            raise ModelFileError(
-                f"{where} holds no sampler state, which sampler {name} needs to resume exactly; "
-                "start over with train.resume=false (or another output folder)."
-            )
-        if not isinstance(saved, dict) or not {"class", "data_sha256", "state"} <= set(saved):
-            raise ModelFileError(f"{where}: the sampler state is incomplete; delete {checkpoint} to resume from an earlier checkpoint.")
-        if saved["class"] != name:
-            raise CheckpointMismatchError(
-                f"{where} holds the state of sampler {saved['class']}, not of {name} that this run "
-                "uses; resume with the sampler that wrote it, or start over with train.resume=false."
-            )
-        if saved["data_sha256"] != self.config["data"]["sha256"]:
-            raise CheckpointMismatchError(
-                f"{where} holds a sampler state derived from other training data than this run's "
-                f"{len(self.examples)} examples; resume with the data that wrote it, or start over "
-                "with train.resume=false."
-            )
-        try:
-            self.sampler.load_state_dict(saved["state"])
-        except (EmbplexError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise CheckpointMismatchError(
-                f"sampler {name} refused the state in {where} ({exc}); resume with the configuration "
-                "that wrote it, or start over with train.resume=false."
-            ) from exc
-
     def check_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
         """The checkpoint's trainer state, or an error when another config wrote it."""
-        saved = read_json(checkpoint / TRAINER_STATE_FILE, "trainer state")
-        if not isinstance(saved, dict) or "config_hash" not in saved:
-            raise ModelFileError(
-                f"{checkpoint / TRAINER_STATE_FILE} is not a trainer state; delete {checkpoint} to "
-                "resume from an earlier checkpoint."
-            )
-        if saved["config_hash"] != self.config_hash:
-            differences = describe_differences(saved.get("config", {}), self.config)
-            detail = "; ".join(differences) if differences else "the config hashes differ"
-            raise CheckpointMismatchError(
-                f"{checkpoint} was written by a run with another configuration ({detail}). "
-                "Use the same configuration to resume, or another output folder (or resume=False) "
-                "to start over."
-            )
-        return saved
+        return self.checkpoints.check(checkpoint)
 
-    def _restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> _Progress:
-        from .model import EmbeddingModel
-
-        self.check_checkpoint(checkpoint)
-        state = load_torch_state(checkpoint / STATE_FILE)
-        required = ("optimizer", "scheduler", "loss", "rng", "progress")
-        if not isinstance(state, dict) or any(key not in state for key in required):
-            raise ModelFileError(
-                f"{checkpoint / STATE_FILE} is incomplete; delete {checkpoint} to resume from an "
-                "earlier checkpoint."
-            )
-        self._restore_sampler(checkpoint, state.get("sampler"))
-        saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry)
-        try:
-            self.model.load_state_dict(saved_model.state_dict(), strict=True)
-            self.loss.load_state_dict(state["loss"], strict=True)
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointMismatchError(
-                f"{checkpoint} does not fit this model, loss or optimizer ({exc}); resume with the "
-                "configuration that wrote it."
-            ) from exc
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"])
-        saved = state["progress"]
-        return _Progress(
-            step=int(saved["step"]),
-            epoch=int(saved["epoch"]),
-            position=int(saved["position"]),
-            elapsed=float(saved["elapsed"]),
-            log_window=[float(v) for v in saved["log_window"].tolist()],
-        )
-
-    def _prepare_output(self) -> Path | None:
-        """Clean staging leftovers and pick the checkpoint to resume from, if any."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        root = self.output_dir / CHECKPOINTS
-        for folder in (self.output_dir, root):  # what killed saves left (model, checkpoints)
-            remove_stale_staging(folder)
-        checkpoint = latest_checkpoint(self.output_dir)
-        if checkpoint is not None and not self.settings.resume:
-            warnings.warn(
-                f"resume is off: deleting the existing checkpoints in {root} and starting over.",
-                UserWarning,
-                stacklevel=3,
-            )
-            shutil.rmtree(root)
-            return None
-        return checkpoint
-
-    def _already_complete(self, progress: _Progress, checkpoint: Path) -> TrainResult:
+    def _already_complete(self, progress: Progress, checkpoint: Path) -> TrainResult:
         """The result of a run whose last step is already checkpointed: nothing to train."""
         self.model.save(self.output_dir / "model")  # the checkpoint's weights, also if the final save was killed
         rows = self._metric_rows(progress.step)
@@ -746,7 +468,7 @@ class Trainer:
 
     def _result(
         self,
-        progress: _Progress,
+        progress: Progress,
         loss: float | None,
         plot_path: Path | None,
         resumed_from: Path | None,
@@ -823,14 +545,15 @@ class Trainer:
         from tqdm.auto import tqdm
 
         settings = self.settings
-        checkpoint = self._prepare_output()
+        checkpoint = self.checkpoints.prepare(settings.resume)
         seed_everything(settings.seed)
         parameters = self._parameters()
         optimizer = self._optimizer(parameters)
         scheduler = self._schedule(optimizer)
-        progress = _Progress()
+        parts = Resumable(self.model, self.loss, self.sampler, optimizer, scheduler)
+        progress = Progress()
         if checkpoint is not None:
-            progress = self._restore(checkpoint, optimizer, scheduler)
+            progress = self.checkpoints.restore(checkpoint, parts)
             if progress.step >= self.total_steps:
                 return self._already_complete(progress, checkpoint)
         self._start_metrics(progress.step)
@@ -876,7 +599,7 @@ class Trainer:
                 progress.log_window.clear()
             saved = None
             if settings.checkpoint_every and progress.step % settings.checkpoint_every == 0:
-                saved = self._save_checkpoint(progress, optimizer, scheduler)
+                saved = self.checkpoints.save(progress, parts, self.total_steps)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             info = StepInfo(progress.step, epoch_of_batch, last_loss, lr, saved)
@@ -937,7 +660,7 @@ class Trainer:
         try:
             if settings.checkpoint_every and progress.step % settings.checkpoint_every:
                 # the last step is checkpointed too, so a rerun knows the run is complete
-                self._save_checkpoint(progress, optimizer, scheduler)
+                self.checkpoints.save(progress, parts, self.total_steps)
             self.model.save(self.output_dir / "model")
         except KeyboardInterrupt:
             raise self._interrupted(progress.step) from None
