@@ -174,9 +174,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"embplex {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # one line, not a traceback; 130 is the shell's code for Ctrl-C
-        resume = f"; to resume, run: {shlex.join(['embplex', command, *rest])}" if getattr(exc, "checkpoint", None) else ""
+        resume = f"; to resume, run: {_resume_command(command, rest)}" if getattr(exc, "checkpoint", None) else ""
         print(f"embplex {command}: {str(exc) or 'interrupted'}{resume}", file=sys.stderr)
         return 130
+
+
+def _resume_command(command: str, argv: Sequence[str]) -> str:
+    """The same command line, with resuming switched on if it was switched off."""
+    kept = [arg for arg in argv if arg.lstrip("+").partition("=")[0] != "train.resume"]
+    if len(kept) < len(argv):
+        kept.append("train.resume=true")
+    return shlex.join(["embplex", command, *kept])
 
 
 if __name__ == "__main__":

@@ -139,3 +139,12 @@ def test_train_ctrl_c_then_resume_then_rerun_a_finished_run(capsys, tmp_path, ti
     code, out, err = run(capsys, *args)  # crashed with a TypeError on None.__format__
     assert code == 0, err
     assert f"the run in {tmp_path} is already complete (3 steps)" in out
+
+
+def test_the_resume_command_switches_resuming_back_on():
+    from embplex.cli import _resume_command
+
+    assert _resume_command("train", ["train.resume=false", "data=stsb", "+note=a b"]) == (
+        "embplex train data=stsb '+note=a b' train.resume=true"
+    )
+    assert _resume_command("train", ["data=stsb"]) == "embplex train data=stsb"
