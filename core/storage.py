@@ -63,12 +63,13 @@ def _is_stale(entry: Path, now: float) -> bool:
         return False
 
 
-def remove_stale_staging(folder: str | Path) -> list[Path]:
+def remove_stale_staging(folder: str | Path, target: str | None = None) -> list[Path]:
     """Delete what interrupted atomic writes left in ``folder``; return what was removed.
 
     Only leftovers of writers that are no longer running are removed (see
     :data:`STALE_UNOWNED_SECONDS` for those whose writer cannot be checked), so a save in
-    progress in another process is never touched.
+    progress in another process is never touched. ``target``: only the leftovers of
+    writes to ``folder/target``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -76,6 +77,8 @@ def remove_stale_staging(folder: str | Path) -> list[Path]:
     now = time.time()
     removed = []
     for entry in folder.iterdir():
+        if target is not None and not entry.name.startswith((f".{target}.tmp-", f".{target}.old-")):
+            continue
         if not _is_stale(entry, now):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -91,10 +94,13 @@ def remove_stale_staging(folder: str | Path) -> list[Path]:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path``.
 
-    If anything fails, ``path`` keeps what it had before.
+    If anything fails, ``path`` keeps what it had before. The staging folder's name
+    carries this process's id and host, so the next save of ``path`` (and the next
+    training run in its folder) can delete it if this process is killed mid-write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path.parent, target=path.name)  # what a killed earlier save of it left
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(path.name), dir=path.parent))
     try:
         yield staging

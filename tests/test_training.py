@@ -352,6 +352,18 @@ def test_stale_staging_folders_are_removed_when_a_run_starts(tiny_bert, registry
 
 
 
+def test_the_next_save_of_a_folder_removes_what_a_killed_save_of_it_left(tmp_path):
+    from embplex.storage import atomic_directory
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in ("index", "other"):
+        (tmp_path / f".{name}.tmp-{gone.pid}@{socket.gethostname()}-abcd1234").mkdir()
+    with atomic_directory(tmp_path / "index") as staging:
+        (staging / "data").write_text("saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{gone.pid}@{socket.gethostname()}-abcd1234", "index"]
+
+
 def test_staging_folders_of_live_writers_are_kept(tmp_path):
     from embplex.storage import STALE_UNOWNED_SECONDS, atomic_directory, remove_stale_staging
 
@@ -375,7 +387,7 @@ def test_staging_folders_of_live_writers_are_kept(tmp_path):
         long_ago = time.time() - STALE_UNOWNED_SECONDS - 60
         for name in (names["old name, old"], ".metrics.csv.tmp-1@x-abcd1234", ".notes.tmp-mine"):
             os.utime(tmp_path / name, (long_ago, long_ago))
-        with atomic_directory(tmp_path / "model") as staging:  # a save in progress in this process
+        with atomic_directory(tmp_path / "saving") as staging:  # a save in progress in this process
             removed = {p.name for p in remove_stale_staging(tmp_path)}
             assert staging.exists()
     finally:
@@ -383,7 +395,7 @@ def test_staging_folders_of_live_writers_are_kept(tmp_path):
         alive.wait()
     assert removed == {names["dead"], names["old name, old"], names["swap"], ".metrics.csv.tmp-1@x-abcd1234"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names["alive"], names["other host"], names["old name, fresh"], ".notes.tmp-mine", "model"]
+        [names["alive"], names["other host"], names["old name, fresh"], ".notes.tmp-mine", "saving"]
     )
 
 
