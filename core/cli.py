@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -43,7 +44,14 @@ def cmd_train(cfg: dict[str, Any], registry: Any) -> Headline:
     from .app import run_train
 
     result = run_train(cfg, registry)
-    print(f"trained {result.step} steps; final loss {result.loss:.4f}; model saved to {result.model_path}")
+    if result.already_complete:
+        print(
+            f"the run in {result.model_path.parent} is already complete ({result.step} steps); model saved "
+            f"to {result.model_path}. To train further, start from it with model.load={result.model_path} "
+            "and another output_dir; to train again, train.resume=false."
+        )
+    else:
+        print(f"trained {result.step} steps; final loss {result.loss:.4f}; model saved to {result.model_path}")
     return {"loss": result.loss, "steps": result.step}
 
 
@@ -251,9 +259,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # embplex check turned into an EmbplexError first: still one line, naming it.
         print(f"embplex {command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-
     except SystemExit as exc:  # Hydra's --help, a flag argparse rejects
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except KeyboardInterrupt as exc:  # one line, not a traceback; 130 is the shell's code for Ctrl-C
+        resume = f"; to resume, run: {_resume_command(command, rest)}" if getattr(exc, "checkpoint", None) else ""
+        print(f"embplex {command}: {str(exc) or 'interrupted'}{resume}", file=sys.stderr)
+        return 130
+
+
+def _resume_command(command: str, argv: Sequence[str]) -> str:
+    """The same command line, with resuming switched on if it was switched off."""
+    kept = [arg for arg in argv if arg.lstrip("+").partition("=")[0] != "train.resume"]
+    if len(kept) < len(argv):
+        kept.append("train.resume=true")
+    return shlex.join(["embplex", command, *kept])
 
 
 if __name__ == "__main__":

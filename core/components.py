@@ -493,8 +493,15 @@ class TrainingContext:
 class Sampler:
     """Which examples share a batch.
 
-    ``batches`` must be a pure function of ``(examples, batch_size, seed, epoch)`` plus
-    whatever it reads from ``context`` — that is what makes resuming a run exact.
+    ``batches`` must be a pure function of ``(examples, batch_size, seed, epoch)`` and of
+    the sampler's state (:meth:`state_dict`) — that is what makes resuming a run exact.
+    A sampler that reads the live model from ``context`` (to mine negatives, say) keeps
+    what it derived from it — the epoch's plan, mined negatives, counters — in its state:
+    every checkpoint saves :meth:`state_dict`, and a resumed run calls
+    :meth:`load_state_dict` and then ``batches`` again for the interrupted epoch, whose
+    first batches (those already trained on) it discards. That call must yield the same
+    batches as the interrupted run did, so it must reuse the restored plan instead of
+    asking the model again (whose weights have moved on since the epoch started).
     """
 
     def batches(
@@ -515,6 +522,25 @@ class Sampler:
     def num_batches(self, examples: Sequence[Example], batch_size: int) -> int:
         """An estimate for progress bars and schedules."""
         return math.ceil(len(examples) / batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the sampler derived during the run and needs to continue it exactly.
+
+        Saved in every checkpoint, so it may hold only tensors, numbers, strings, ``None``
+        and lists, tuples and dicts (string keys) of these — never other objects. The
+        default is ``{}``: a sampler whose batches depend only on ``(examples,
+        batch_size, seed, epoch)`` has nothing to keep.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned, before ``batches`` is called again.
+
+        Raise ``ValueError`` (or an :class:`~embplex.errors.EmbplexError`) when ``state``
+        does not fit this sampler; the trainer reports it with the checkpoint's path.
+        """
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but got one with keys {sorted(state)}.")
 
 
 # ---------------------------------------------------------------------------

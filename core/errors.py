@@ -57,3 +57,15 @@ class MissingPluginError(EmbplexError):
 
 class CheckpointMismatchError(EmbplexError):
     """A checkpoint written by a run with a different configuration."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run; the message says where its last checkpoint is.
+
+    A ``KeyboardInterrupt``, so code that handles interrupts keeps working.
+    :attr:`checkpoint` is the checkpoint a rerun resumes from (``None``: none was written).
+    """
+
+    def __init__(self, message: str, checkpoint: "object | None" = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -6,8 +6,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
@@ -57,16 +60,91 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+# Staging names carry their writer's process id and host (".model.tmp-<pid>@<host>-<random>"),
+# so a later run can tell the leftover of a killed writer from a save still in progress.
+STALE_UNOWNED_SECONDS = 3600
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _staging_prefix(name: str) -> str:
+    return f".{name}.tmp-{_owner()}-"
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+# what atomic_directory / atomic_write_text name their staging and swap entries: with the
+# writer ("<pid>@<host>"), or without (older embplex); tempfile adds 8 characters
+_STAGING = re.compile(r"\..+\.(?:tmp-(?P<pid>\d+)@(?P<host>.+)-[a-z0-9_]{8}|old-(?P<old_pid>\d+)@(?P<old_host>.+))")
+_UNOWNED_STAGING = re.compile(r"\..+\.(?:tmp-[a-z0-9_]{8}|old-\d+)")
+
+
+def _is_stale(entry: Path, now: float) -> bool:
+    """A staging leftover whose writer is gone (or, unnamed, untouched for an hour)."""
+    owned = _STAGING.fullmatch(entry.name)
+    if owned is None and _UNOWNED_STAGING.fullmatch(entry.name) is None:
+        return False  # not ours: never touched
+    if owned is not None:
+        pid = owned["pid"] or owned["old_pid"]
+        if (owned["host"] or owned["old_host"]) == socket.gethostname():
+            return int(pid) != os.getpid() and not _writer_alive(int(pid))
+    # another host's process, or a name from an older embplex: only its age tells
+    try:
+        return now - entry.lstat().st_mtime > STALE_UNOWNED_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_staging(folder: str | Path, target: str | None = None) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``folder``; return what was removed.
+
+    Only leftovers of writers that are no longer running are removed (see
+    :data:`STALE_UNOWNED_SECONDS` for those whose writer cannot be checked), so a save in
+    progress in another process is never touched. ``target``: only the leftovers of
+    writes to ``folder/target``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for entry in folder.iterdir():
+        if target is not None and not entry.name.startswith((f".{target}.tmp-", f".{target}.old-")):
+            continue
+        if not _is_stale(entry, now):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path``.
 
-    If anything fails, ``path`` keeps what it had before.
+    If anything fails, ``path`` keeps what it had before. The staging folder's name
+    carries this process's id and host, so the next save of ``path`` (and the next
+    training run in its folder) can delete it if this process is killed mid-write.
     """
     path = Path(path)
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        remove_stale_staging(path.parent, target=path.name)  # what a killed earlier save of it left
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(path.name), dir=path.parent))
         try:
             yield staging
             _fsync_tree(staging)
@@ -75,7 +153,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             raise
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{_owner()}")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
@@ -111,7 +189,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     path = Path(path)
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        descriptor, staging = tempfile.mkstemp(prefix=_staging_prefix(path.name), dir=path.parent)
         try:
             with os.fdopen(descriptor, "wb") as handle:
                 yield handle

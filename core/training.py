@@ -6,16 +6,19 @@
     result = train(model, examples, loss, sampler, TrainSettings(batch_size=32, epochs=1), "runs/x")
 
 What makes resuming exact: the sampler is a pure function of ``(examples, batch_size,
-seed, epoch)``, and a checkpoint holds everything else that changes during training —
-the weights (``model.save``), the loss's own parameters, the optimizer and scheduler
-states, the Python / NumPy / torch random generators (dropout) and the position in the
-epoch. A run killed after checkpoint N and started again with the same configuration
-ends with the same weights, bit for bit, as a run that was never interrupted.
+seed, epoch)`` and of its own state, and a checkpoint (:mod:`embplex.checkpoints`) holds
+everything else that changes during training. A run killed after checkpoint N and
+started again with the same configuration ends with the same weights, bit for bit, as a
+run that was never interrupted.
 
-Output folder::
+A rerun whose newest checkpoint is the last step trains nothing and reports
+``already_complete``; Ctrl-C raises :class:`~embplex.errors.TrainingInterrupted` naming
+the last checkpoint; a new run deletes what killed saves left (``.model.tmp-<pid>@<host>-*``).
+
+Output folder (``keep_checkpoints`` newest checkpoints, the last step's included)::
 
     checkpoints/step-N/model/              the model at step N (loadable with embplex.load)
-    checkpoints/step-N/training_state.pt   optimizer, scheduler, RNG, position (tensors only)
+    checkpoints/step-N/training_state.pt   optimizer, scheduler, sampler, RNG, position (tensors only)
     checkpoints/step-N/trainer_state.json  step, epoch and the run's config and its hash
     metrics.csv  tensorboard/  loss.png  model/
 """
@@ -30,10 +33,8 @@ import inspect
 import json
 import math
 import random
-import shutil
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
@@ -41,9 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoints import Checkpoints, Progress, Resumable, latest_checkpoint, list_checkpoints
 from .components import Example, Features, Index, Loss, Sampler, TrainingBatch, TrainingContext
-from .errors import CheckpointMismatchError, InputError, ModelFileError, OptionError
-from .storage import atomic_directory, atomic_write_text, load_torch_state, read_json, write_json
+from .errors import InputError, OptionError, TrainingInterrupted
+from .storage import atomic_write_text
 
 if TYPE_CHECKING:
     from .model import EmbeddingModel
@@ -55,13 +57,11 @@ __all__ = [
     "TrainSettings",
     "Trainer",
     "latest_checkpoint",
+    "list_checkpoints",
     "make_training_batch",
     "train",
 ]
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "training_state.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed")
 
@@ -80,14 +80,16 @@ class TrainSettings:
     :param max_steps: optimizer steps to run; sets the length of the schedule.
     :param lr: peak learning rate of AdamW.
     :param weight_decay: AdamW decay, not applied to biases and norm weights.
-    :param warmup_ratio: share of the steps with a linearly rising learning rate.
+    :param warmup_ratio: share of the steps with a linearly rising learning rate
+        (``ceil(ratio × steps)`` steps, rising from 0: with any warm-up, step 1 runs at
+        learning rate 0, which matters in very short runs).
     :param warmup_steps: the same as a step count; overrides ``warmup_ratio``.
     :param grad_accumulation: micro-batches per optimizer step.
     :param bf16: run forward passes under bfloat16 autocast.
     :param seed: seeds Python, NumPy and torch, and the sampler's order.
     :param max_grad_norm: clip the gradient norm to this; ``None`` or 0 turns it off.
     :param checkpoint_every: write a checkpoint every this many steps (0: never).
-    :param keep_checkpoints: keep only the newest this many checkpoints (``None``: all).
+    :param keep_checkpoints: keep only the newest this many checkpoints (0 or ``None``: all).
     :param log_every: write metrics every this many steps.
     :param tensorboard: also write metrics for TensorBoard.
     :param progress_bar: show a tqdm progress bar.
@@ -107,7 +109,7 @@ class TrainSettings:
     seed: int = 42
     max_grad_norm: float | None = 1.0
     checkpoint_every: int = 0
-    keep_checkpoints: int | None = None
+    keep_checkpoints: int | None = 2
     log_every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
@@ -155,7 +157,7 @@ class TrainSettings:
             raise OptionError(f"training.warmup_steps must be 0 or more, not {self.warmup_steps!r}.")
         if self.checkpoint_every < 0:
             raise OptionError("training.checkpoint_every must be 0 (off) or a number of steps.")
-        if self.keep_checkpoints is not None:
+        if self.keep_checkpoints is not None and self.keep_checkpoints != 0:
             positive("keep_checkpoints", self.keep_checkpoints)
 
     def computational(self) -> dict[str, Any]:
@@ -190,6 +192,13 @@ class StepInfo:
 
 @dataclass
 class TrainResult:
+    """What a run ended with.
+
+    ``already_complete`` is true when the output folder held a checkpoint of this run at
+    its last step: nothing was trained, the model was saved from that checkpoint and
+    ``loss`` is the last one the metrics recorded.
+    """
+
     step: int
     epoch: int
     loss: float | None
@@ -197,17 +206,7 @@ class TrainResult:
     metrics_path: Path
     plot_path: Path | None
     resumed_from: Path | None
-
-
-@dataclass
-class _Progress:
-    """Where the run is: ``position`` micro-batches of epoch ``epoch`` are done."""
-
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-    elapsed: float = 0.0
-    log_window: list[float] = field(default_factory=list)
+    already_complete: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -323,42 +322,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _capture_rng() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    _, key, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "numpy": {
-            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["key"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------------------
 # the run's identity
 # ---------------------------------------------------------------------------
@@ -401,53 +364,6 @@ def _normalised(value: Any) -> Any:
 
 def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, inner in value.items():
-            flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
-def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    old, new = _flatten(dict(saved)), _flatten(dict(current))
-    missing = object()
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, missing), new.get(key, missing)
-        if before != after:
-            show = lambda v: "(not set)" if v is missing else json.dumps(v)  # noqa: E731
-            lines.append(f"{key}: {show(before)} in the checkpoint, {show(after)} now")
-    return lines
-
-
-# ---------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    if not path.is_dir() or path.name.startswith(".") or not path.name.startswith("step-"):
-        return None
-    suffix = path.name[len("step-") :]
-    return int(suffix) if suffix.isdigit() else None
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints under ``output_dir/checkpoints``, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(step, path) for path in root.iterdir() if (step := _checkpoint_step(path)) is not None]
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
 
 
 # ---------------------------------------------------------------------------
@@ -502,6 +418,7 @@ class Trainer:
             }
         )
         self.config_hash = config_hash(self.config)
+        self.checkpoints = Checkpoints(self.output_dir, self.config, self.config_hash, settings.keep_checkpoints, registry)
         self.batches_per_epoch = max(1, sampler.num_batches(self.examples, settings.batch_size))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accumulation)
         self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
@@ -543,112 +460,49 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def _save_checkpoint(self, progress: _Progress, optimizer: Any, scheduler: Any) -> Path:
-        import embplex
-
-        path = self.output_dir / CHECKPOINTS / f"step-{progress.step}"
-        with atomic_directory(path) as staging:
-            self.model.save(staging / "model")
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "loss": self.loss.state_dict(),
-                "rng": _capture_rng(),
-                "progress": {
-                    "step": progress.step,
-                    "epoch": progress.epoch,
-                    "position": progress.position,
-                    "elapsed": progress.elapsed,
-                    "log_window": torch.tensor(progress.log_window, dtype=torch.float64),
-                },
-            }
-            torch.save(state, staging / STATE_FILE)
-            write_json(
-                staging / TRAINER_STATE_FILE,
-                {
-                    "step": progress.step,
-                    "epoch": progress.epoch,
-                    "position": progress.position,
-                    "total_steps": self.total_steps,
-                    "config_hash": self.config_hash,
-                    "config": self.config,
-                    "embplex_version": embplex.__version__,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
-            )
-        keep = self.settings.keep_checkpoints
-        if keep is not None:
-            for old in list_checkpoints(self.output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        return path
-
     def check_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
         """The checkpoint's trainer state, or an error when another config wrote it."""
-        saved = read_json(checkpoint / TRAINER_STATE_FILE, "trainer state")
-        if not isinstance(saved, dict) or "config_hash" not in saved:
-            raise ModelFileError(
-                f"{checkpoint / TRAINER_STATE_FILE} is not a trainer state; delete {checkpoint} to "
-                "resume from an earlier checkpoint."
-            )
-        if saved["config_hash"] != self.config_hash:
-            differences = describe_differences(saved.get("config", {}), self.config)
-            detail = "; ".join(differences) if differences else "the config hashes differ"
-            raise CheckpointMismatchError(
-                f"{checkpoint} was written by a run with another configuration ({detail}). "
-                "Use the same configuration to resume, or another output folder (or resume=False) "
-                "to start over."
-            )
-        return saved
+        return self.checkpoints.check(checkpoint)
 
-    def _restore(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> _Progress:
-        from .model import EmbeddingModel
-
-        self.check_checkpoint(checkpoint)
-        state = load_torch_state(checkpoint / STATE_FILE)
-        required = ("optimizer", "scheduler", "loss", "rng", "progress")
-        if not isinstance(state, dict) or any(key not in state for key in required):
-            raise ModelFileError(
-                f"{checkpoint / STATE_FILE} is incomplete; delete {checkpoint} to resume from an "
-                "earlier checkpoint."
-            )
-        saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry)
-        try:
-            self.model.load_state_dict(saved_model.state_dict(), strict=True)
-            self.loss.load_state_dict(state["loss"], strict=True)
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointMismatchError(
-                f"{checkpoint} does not fit this model, loss or optimizer ({exc}); resume with the "
-                "configuration that wrote it."
-            ) from exc
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"])
-        saved = state["progress"]
-        return _Progress(
-            step=int(saved["step"]),
-            epoch=int(saved["epoch"]),
-            position=int(saved["position"]),
-            elapsed=float(saved["elapsed"]),
-            log_window=[float(v) for v in saved["log_window"].tolist()],
+    def _already_complete(self, progress: Progress, checkpoint: Path) -> TrainResult:
+        """The result of a run whose last step is already checkpointed: nothing to train."""
+        self.model.save(self.output_dir / "model")  # the checkpoint's weights, also if the final save was killed
+        rows = self._metric_rows(progress.step)
+        plot = self.output_dir / "loss.png"
+        return self._result(
+            progress,
+            float(rows[-1]["loss"]) if rows else None,
+            plot if plot.exists() else None,
+            checkpoint,
+            already_complete=True,
         )
 
-    def _prepare_output(self) -> Path | None:
-        """Clean staging leftovers and pick the checkpoint to resume from, if any."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        root = self.output_dir / CHECKPOINTS
-        if root.is_dir():
-            for leftover in root.glob(".step-*"):  # a write that was interrupted
-                shutil.rmtree(leftover, ignore_errors=True)
+    def _result(
+        self,
+        progress: Progress,
+        loss: float | None,
+        plot_path: Path | None,
+        resumed_from: Path | None,
+        already_complete: bool = False,
+    ) -> TrainResult:
+        return TrainResult(
+            step=progress.step,
+            epoch=progress.epoch,
+            loss=loss,
+            model_path=self.output_dir / "model",
+            metrics_path=self.metrics_path,
+            plot_path=plot_path,
+            resumed_from=resumed_from,
+            already_complete=already_complete,
+        )
+
+    def _interrupted(self, step: int) -> TrainingInterrupted:
         checkpoint = latest_checkpoint(self.output_dir)
-        if checkpoint is not None and not self.settings.resume:
-            warnings.warn(
-                f"resume is off: deleting the existing checkpoints in {root} and starting over.",
-                UserWarning,
-                stacklevel=3,
-            )
-            shutil.rmtree(root)
-            return None
-        return checkpoint
+        if checkpoint is None:
+            where = "no checkpoint was written (set train.checkpoint_every to make a run resumable)"
+        else:
+            where = f"the last checkpoint is {checkpoint}"
+        return TrainingInterrupted(f"training interrupted after step {step} of {self.total_steps}; {where}", checkpoint)
 
     # -- metrics -------------------------------------------------------------------
 
@@ -658,13 +512,16 @@ class Trainer:
 
     def _start_metrics(self, up_to_step: int) -> None:
         """A fresh metrics file, or on resume the old one without rows past the checkpoint."""
-        rows: list[dict[str, str]] = []
-        if up_to_step and self.metrics_path.exists():
-            with self.metrics_path.open(newline="", encoding="utf-8") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
+        rows = self._metric_rows(up_to_step) if up_to_step else []
         lines = [",".join(METRICS_COLUMNS)]
         lines += [",".join(row[c] for c in METRICS_COLUMNS) for row in rows]
         atomic_write_text(self.metrics_path, "\n".join(lines) + "\n")
+
+    def _metric_rows(self, up_to_step: int) -> list[dict[str, str]]:
+        if not self.metrics_path.exists():
+            return []
+        with self.metrics_path.open(newline="", encoding="utf-8") as handle:
+            return [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
 
     def _log(self, writer: Any, step: int, epoch: int, loss: float, lr: float, elapsed: float) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
@@ -699,14 +556,17 @@ class Trainer:
         from tqdm.auto import tqdm
 
         settings = self.settings
-        checkpoint = self._prepare_output()
+        checkpoint = self.checkpoints.prepare(settings.resume)
         seed_everything(settings.seed)
         parameters = self._parameters()
         optimizer = self._optimizer(parameters)
         scheduler = self._schedule(optimizer)
-        progress = _Progress()
+        parts = Resumable(self.model, self.loss, self.sampler, optimizer, scheduler)
+        progress = Progress()
         if checkpoint is not None:
-            progress = self._restore(checkpoint, optimizer, scheduler)
+            progress = self.checkpoints.restore(checkpoint, parts)
+            if progress.step >= self.total_steps:
+                return self._already_complete(progress, checkpoint)
         self._start_metrics(progress.step)
         writer = None
         if settings.tensorboard:
@@ -750,7 +610,7 @@ class Trainer:
                 progress.log_window.clear()
             saved = None
             if settings.checkpoint_every and progress.step % settings.checkpoint_every == 0:
-                saved = self._save_checkpoint(progress, optimizer, scheduler)
+                saved = self.checkpoints.save(progress, parts, self.total_steps)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             info = StepInfo(progress.step, epoch_of_batch, last_loss, lr, saved)
@@ -801,22 +661,21 @@ class Trainer:
                         optimizer_step(epoch)
                     if settings.max_steps is None and progress.epoch >= settings.epochs:
                         break
+        except KeyboardInterrupt:
+            raise self._interrupted(progress.step) from None
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
 
-        model_path = self.output_dir / "model"
-        self.model.save(model_path)
-        return TrainResult(
-            step=progress.step,
-            epoch=progress.epoch,
-            loss=last_loss,
-            model_path=model_path,
-            metrics_path=self.metrics_path,
-            plot_path=self._plot(),
-            resumed_from=checkpoint,
-        )
+        try:
+            if settings.checkpoint_every and progress.step % settings.checkpoint_every:
+                # the last step is checkpointed too, so a rerun knows the run is complete
+                self.checkpoints.save(progress, parts, self.total_steps)
+            self.model.save(self.output_dir / "model")
+        except KeyboardInterrupt:
+            raise self._interrupted(progress.step) from None
+        return self._result(progress, last_loss, self._plot(), checkpoint)
 
 
 def train(

@@ -341,3 +341,42 @@ def test_quickstart_table_prints_the_paired_interval_of_the_change(capsys, tmp_p
     assert row.endswith(f"[{low:+.2f}, {high:+.2f}]")
     assert low <= saved["change"]["ndcg@10"]["change"] <= high
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+
+def test_train_ctrl_c_then_resume_then_rerun_a_finished_run(capsys, tmp_path, tiny_bert_path, data_dir, monkeypatch):
+    import embplex.training as training
+
+    args = [
+        "train", f"backbone.path={tiny_bert_path}", f"output_dir={tmp_path}", f"data.root={data_dir}", "data=stsb",
+        "data.train.limit=12", "train.batch_size=4", "train.max_steps=3", "train.checkpoint_every=1",
+    ]
+    calls = []
+
+    def interrupted_at_the_third_batch(backbone, examples):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return training.make_training_batch.__wrapped__(backbone, examples)
+
+    interrupted_at_the_third_batch.__wrapped__ = training.make_training_batch
+    monkeypatch.setattr(training, "make_training_batch", interrupted_at_the_third_batch)
+    code, out, err = run(capsys, *args)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (  # one line after the progress bars
+        f"embplex train: training interrupted after step 2 of 3; the last checkpoint is "
+        f"{tmp_path / 'checkpoints' / 'step-2'}; to resume, run: embplex {' '.join(args)}"
+    )
+    monkeypatch.undo()
+    code, out, err = run(capsys, *args)
+    assert code == 0 and out.startswith("trained 3 steps"), err
+    code, out, err = run(capsys, *args)  # crashed with a TypeError on None.__format__
+    assert code == 0, err
+    assert f"the run in {tmp_path} is already complete (3 steps)" in out
+
+
+def test_the_resume_command_switches_resuming_back_on():
+    from embplex.cli import _resume_command
+
+    assert _resume_command("train", ["train.resume=false", "data=stsb", "+note=a b"]) == (
+        "embplex train data=stsb '+note=a b' train.resume=true"
+    )
+    assert _resume_command("train", ["data=stsb"]) == "embplex train data=stsb"

@@ -113,3 +113,13 @@ def test_batch_size_must_be_positive(make):
 def test_num_batches_estimate(make):
     examples = [Example(f"a{i}", f"p{i}") for i in range(10)]
     assert make("no_duplicates").num_batches(examples, 3) == math.ceil(10 / 3)
+
+
+@pytest.mark.parametrize("name", ["random", "no_duplicates"])
+def test_first_party_samplers_keep_no_state(make, name):
+    sampler = make(name)
+    list(sampler.batches(_examples(20, 10, seed=0), 4, 0, 0, CONTEXT))
+    assert sampler.state_dict() == {}
+    sampler.load_state_dict({})
+    with pytest.raises(ValueError, match="keeps no state, but got one with keys \\['plan'\\]"):
+        sampler.load_state_dict({"plan": [[0, 1]]})

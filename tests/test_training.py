@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import embplex
-from embplex.components import Example
-from embplex.errors import CheckpointMismatchError, ModelFileError, OptionError
+from embplex.components import Example, Sampler
+from embplex.errors import CheckpointMismatchError, ModelFileError, OptionError, TrainingInterrupted
 from embplex.training import (
     TrainSettings,
     latest_checkpoint,
@@ -280,3 +287,232 @@ def test_corrupt_checkpoint_is_reported(tiny_bert, registry, tmp_path):
     (tmp_path / "checkpoints" / "step-2" / "training_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelFileError, match="training_state.pt is corrupt"):
         _run(tiny_bert, examples, tmp_path, registry, settings)
+
+
+# -- runs that end badly -------------------------------------------------------------
+
+
+def test_rerunning_a_finished_run_reports_it_complete(tiny_bert, registry, tmp_path):
+    examples = _examples()
+    settings = _settings(max_steps=3, checkpoint_every=2)
+    first = _run(tiny_bert, examples, tmp_path, registry, settings)
+    assert not first.already_complete
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]  # the last step too
+    again = _run(tiny_bert, examples, tmp_path, registry, settings)
+    assert again.already_complete and again.step == 3 and again.resumed_from == tmp_path / "checkpoints" / "step-3"
+    assert again.loss == pytest.approx(first.loss)  # the last loss the metrics recorded
+    assert len(_metrics(again.metrics_path)) == 3  # nothing was trained or logged again
+    expected = embplex.load(first.model_path, registry=registry).state_dict()
+    for name, tensor in embplex.load(again.model_path, registry=registry).state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_ctrl_c_names_the_last_checkpoint(tiny_bert, registry, tmp_path):
+    def interrupt_at(step):
+        def callback(info):
+            if info.step == step:
+                raise KeyboardInterrupt
+
+        return callback
+
+    settings = _settings(max_steps=4, checkpoint_every=2)
+    with pytest.raises(TrainingInterrupted, match=r"after step 3 of 4; the last checkpoint is .*step-2") as caught:
+        _run(tiny_bert, _examples(), tmp_path / "with", registry, settings, [interrupt_at(3)])
+    assert isinstance(caught.value, KeyboardInterrupt) and caught.value.checkpoint == tmp_path / "with" / "checkpoints" / "step-2"
+    with pytest.raises(TrainingInterrupted, match="after step 1 of 4; no checkpoint was written") as caught:
+        _run(tiny_bert, _examples(), tmp_path / "without", registry, _settings(max_steps=4), [interrupt_at(1)])
+    assert caught.value.checkpoint is None
+
+
+def test_checkpoints_keep_the_newest_two_by_default(tiny_bert, registry, tmp_path):
+    assert TrainSettings().keep_checkpoints == 2
+    _run(tiny_bert, _examples(), tmp_path / "default", registry, _settings(max_steps=3, checkpoint_every=1))
+    assert [p.name for p in list_checkpoints(tmp_path / "default")] == ["step-2", "step-3"]
+    _run(tiny_bert, _examples(), tmp_path / "all", registry, _settings(max_steps=3, checkpoint_every=1, keep_checkpoints=0))
+    assert [p.name for p in list_checkpoints(tmp_path / "all")] == ["step-1", "step-2", "step-3"]
+    with pytest.raises(OptionError, match="keep_checkpoints"):
+        TrainSettings(keep_checkpoints=-1).check()
+
+
+def test_stale_staging_folders_are_removed_when_a_run_starts(tiny_bert, registry, tmp_path):
+    # a process killed inside an atomic save (as by SIGKILL during the final model save)
+    code = (
+        "import os, signal, sys\n"
+        "from embplex.storage import atomic_directory\n"
+        "with atomic_directory(sys.argv[1]) as staging:\n"
+        "    (staging / 'weights').write_bytes(b'0' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")])
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = list(tmp_path.glob(".model.tmp-*"))
+    assert len(leftovers) == 1
+    _run(tiny_bert, _examples(), tmp_path, registry, _settings(max_steps=1))
+    assert not leftovers[0].exists() and (tmp_path / "model").is_dir()
+
+
+
+def test_the_next_save_of_a_folder_removes_what_a_killed_save_of_it_left(tmp_path):
+    from embplex.storage import atomic_directory
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in ("index", "other"):
+        (tmp_path / f".{name}.tmp-{gone.pid}@{socket.gethostname()}-abcd1234").mkdir()
+    with atomic_directory(tmp_path / "index") as staging:
+        (staging / "data").write_text("saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{gone.pid}@{socket.gethostname()}-abcd1234", "index"]
+
+
+def test_staging_folders_of_live_writers_are_kept(tmp_path):
+    from embplex.storage import STALE_UNOWNED_SECONDS, atomic_directory, remove_stale_staging
+
+    host = socket.gethostname()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".model.tmp-{gone.pid}@{host}-abcd1234",
+            "alive": f".model.tmp-{alive.pid}@{host}-abcd1234",
+            "other host": f".model.tmp-{gone.pid}@not-{host}-abcd1234",
+            "old name, old": ".model.tmp-k3j4h5g6",
+            "old name, fresh": ".model.tmp-a1b2c3d4",
+            "swap": f".step-2.old-{gone.pid}@{host}",
+        }
+        for name in names.values():
+            (tmp_path / name).mkdir()
+        (tmp_path / ".metrics.csv.tmp-1@x-abcd1234").write_text("")  # a file left by atomic_write_text
+        (tmp_path / ".notes.tmp-mine").write_text("")  # not a name embplex writes
+        long_ago = time.time() - STALE_UNOWNED_SECONDS - 60
+        for name in (names["old name, old"], ".metrics.csv.tmp-1@x-abcd1234", ".notes.tmp-mine"):
+            os.utime(tmp_path / name, (long_ago, long_ago))
+        with atomic_directory(tmp_path / "saving") as staging:  # a save in progress in this process
+            removed = {p.name for p in remove_stale_staging(tmp_path)}
+            assert staging.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    assert removed == {names["dead"], names["old name, old"], names["swap"], ".metrics.csv.tmp-1@x-abcd1234"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["alive"], names["other host"], names["old name, fresh"], ".notes.tmp-mine", "saving"]
+    )
+
+
+# -- samplers that read the model ------------------------------------------------------
+
+
+class HardestNegativeSampler(Sampler):
+    """Mines with the live model at the start of each epoch: every batch is an anchor plus
+    the examples whose positives the model finds closest to it (in-batch hard negatives)."""
+
+    def __init__(self) -> None:
+        self.plan: dict | None = None  # {"epoch": e, "batches": [[i, j], ...]}
+
+    def batches(self, examples, batch_size, seed, epoch, context):
+        if self.plan is None or self.plan["epoch"] != epoch:
+            self.plan = {"epoch": epoch, "batches": self._mine(examples, batch_size, seed, epoch, context.model)}
+        yield from (list(batch) for batch in self.plan["batches"])
+
+    def _mine(self, examples, batch_size, seed, epoch, model):
+        anchors = model.encode([e.anchor for e in examples], convert_to="torch")
+        positives = model.encode([e.positive for e in examples], convert_to="torch")
+        similarity = anchors @ positives.T
+        unused = set(range(len(examples)))
+        plan = []
+        for first in self.permutation(len(examples), seed, epoch):
+            if first not in unused:
+                continue
+            unused.discard(first)
+            batch = [first]
+            while unused and len(batch) < batch_size:
+                hardest = max(unused, key=lambda j: float(similarity[first, j]))
+                unused.discard(hardest)
+                batch.append(hardest)
+            plan.append(batch)
+        return plan
+
+    def state_dict(self):
+        return {"plan": self.plan}
+
+    def load_state_dict(self, state):
+        if set(state) != {"plan"}:
+            raise ValueError(f"not a HardestNegativeSampler state: keys {sorted(state)}")
+        self.plan = state["plan"]
+
+
+def _recorded_batches(monkeypatch) -> list[list[str]]:
+    """The anchors of every batch the trainer trains on, in order."""
+    import embplex.training as training
+
+    seen: list[list[str]] = []
+
+    def recording(backbone, examples):
+        seen.append([e.anchor for e in examples])
+        return make_training_batch(backbone, examples)
+
+    monkeypatch.setattr(training, "make_training_batch", recording)
+    return seen
+
+
+def _mining_run(path, examples, output, registry, callbacks=(), sampler=None):
+    settings = _settings(batch_size=2, max_steps=4, checkpoint_every=2, lr=5e-3)
+    return train(
+        _model(path), examples, registry.create("loss", "infonce"), sampler or HardestNegativeSampler(),
+        settings, output, registry=registry, callbacks=callbacks,
+    )
+
+
+def test_a_mining_sampler_resumes_exactly(tiny_bert, registry, tmp_path, monkeypatch):
+    examples = _examples(6, negatives=False)
+    seen = _recorded_batches(monkeypatch)
+    straight = _mining_run(tiny_bert, examples, tmp_path / "straight", registry)
+    straight_batches = list(seen)
+    seen.clear()
+    with pytest.raises(Killed):
+        _mining_run(tiny_bert, examples, tmp_path / "resumed", registry, [_kill_at(3)])
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-2"
+    del seen[2:]  # the step the kill threw away is trained again after the resume
+    resumed = _mining_run(tiny_bert, examples, tmp_path / "resumed", registry)
+    assert resumed.resumed_from is not None
+    assert seen == straight_batches  # batch by batch, the restored plan and not a re-mined one
+    expected = embplex.load(straight.model_path, registry=registry).state_dict()
+    for name, tensor in embplex.load(resumed.model_path, registry=registry).state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_sampler_state_from_another_run_is_refused_before_training(tiny_bert, registry, tmp_path, monkeypatch):
+    examples = _examples(12, negatives=False)
+    for name, sampler, data in [
+        ("sampler", registry.create("sampler", "random"), examples[:6]),
+        ("data", HardestNegativeSampler(), examples[6:]),
+    ]:
+        with pytest.raises(Killed):
+            _mining_run(tiny_bert, data, tmp_path / name, registry, [_kill_at(3)], sampler=sampler)
+    target = tmp_path / "target"
+    with pytest.raises(Killed):
+        _mining_run(tiny_bert, examples[:6], target, registry, [_kill_at(3)])
+    checkpoint = target / "checkpoints" / "step-2"
+    seen = _recorded_batches(monkeypatch)
+    for name, message in [("sampler", "holds the state of sampler .*RandomSampler"), ("data", "holds a sampler state derived from other training data")]:
+        shutil.copyfile(tmp_path / name / "checkpoints" / "step-2" / "training_state.pt", checkpoint / "training_state.pt")
+        with pytest.raises(CheckpointMismatchError, match=f"{checkpoint / 'training_state.pt'} {message}"):
+            _mining_run(tiny_bert, examples[:6], target, registry)
+        assert seen == [] and latest_checkpoint(target) == checkpoint  # nothing trained, nothing lost
+    # a checkpoint with no sampler state at all (as older embplex wrote them)
+    state = embplex.storage.load_torch_state(checkpoint / "training_state.pt")
+    del state["sampler"]
+    torch.save(state, checkpoint / "training_state.pt")
+    with pytest.raises(ModelFileError, match="holds no sampler state, which sampler .*HardestNegativeSampler needs"):
+        _mining_run(tiny_bert, examples[:6], target, registry)
+    assert seen == []
+
+
+def test_a_sampler_state_that_a_checkpoint_cannot_hold_is_refused(tiny_bert, registry, tmp_path):
+    class Unstorable(HardestNegativeSampler):
+        def state_dict(self):
+            return {"plan": {"epoch": 0, "index": object()}}
+
+    with pytest.raises(OptionError, match=r"state_dict\(\) holds a object at plan.index"):
+        _mining_run(tiny_bert, _examples(6, negatives=False), tmp_path, registry, sampler=Unstorable())
+    assert latest_checkpoint(tmp_path) is None
