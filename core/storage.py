@@ -92,3 +92,46 @@ def load_torch_state(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise ModelFileError(f"{path} is corrupt or not a checkpoint file ({exc}).") from exc
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex. Reads in 1 MiB chunks, so any size fits."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_tree(root: str | Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{relative/path: sha256}`` for every file under ``root`` except ``skip``
+    (paths relative to ``root``, with ``/`` separators)."""
+    root = Path(root)
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() not in skip
+    }
+
+
+def verify_checksums(root: str | Path, recorded: dict[str, str], record: str | Path) -> None:
+    """Raise :class:`ModelFileError` naming the first file under ``root`` that is missing
+    or whose bytes differ from its checksum in ``recorded`` (read from ``record``)."""
+    root = Path(root)
+    for name, expected in sorted(recorded.items()):
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ModelFileError(f"{record} lists {name!r}, which is outside {root}; save the model again.")
+        if not path.is_file():
+            raise ModelFileError(
+                f"{path} is missing: {record} lists it as part of the saved model. Restore it "
+                "from a backup or save the model again."
+            )
+        if sha256_file(path) != expected:
+            raise ModelFileError(
+                f"{path} is corrupt: its bytes no longer match the SHA-256 recorded in {record} "
+                "when it was saved. Restore the file from a backup or save the model again; "
+                "loading it would give wrong vectors."
+            )
