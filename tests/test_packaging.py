@@ -64,8 +64,9 @@ def test_everything_installs_under_embplex(wheel):
 
 def test_core_modules_are_the_embplex_package(wheel):
     names = set(wheel.namelist())
-    for module in sorted((REPO / "core").glob("*.py")):
-        assert f"embplex/{module.name}" in names, f"core/{module.name} is missing from the wheel"
+    for module in sorted((REPO / "core").rglob("*.py")):
+        inside = module.relative_to(REPO / "core").as_posix()
+        assert f"embplex/{inside}" in names, f"core/{inside} is missing from the wheel"
 
 
 def test_every_config_file_is_shipped(wheel):

@@ -153,13 +153,21 @@ def test_eval_refuses_non_finite_embeddings_instead_of_scoring_them(tiny_model):
         evaluation.evaluate_sts(tiny_model, TEXTS, TEXTS[::-1], [1.0, 2.0, 3.0], bootstrap=0)
 
 
-def test_the_finiteness_check_costs_little(tiny_model):
-    # the check is one isfinite over each output batch
-    vectors = torch.randn(64, 384)
-    import timeit
+def test_the_cli_refuses_a_corrupt_folder_and_nan_vectors_with_exit_2(tiny_model, tmp_path, capsys):
+    from embplex.cli import main
 
-    check = timeit.timeit(lambda: tiny_model._refuse_non_finite(vectors, None, np.arange(64), TEXTS * 22), number=50)
-    assert check / 50 < 1e-3  # under a millisecond per batch of 64; a MiniLM batch takes ~100 ms
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    args = [f"encode.input={tmp_path / 'texts.txt'}", f"output_dir={tmp_path / 'out'}"]
+    tiny_model.save(tmp_path / "flipped")
+    flip_a_weight_byte(tmp_path / "flipped" / "model.safetensors")
+    assert main(["encode", f"model.load={tmp_path / 'flipped'}", *args]) == 2
+    assert "model.safetensors is corrupt" in capsys.readouterr().err
+    poison_token(tiny_model, "paris")
+    tiny_model.save(tmp_path / "nan")  # NaN weights, honestly checksummed
+    assert main(["encode", f"model.load={tmp_path / 'nan'}", *args]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite embedding" in err and "text 2 ('what is the capital of france ? paris')" in err
+    assert not (tmp_path / "out" / "embeddings.npy").exists()
 
 
 # ---------------------------------------------------------------------------
