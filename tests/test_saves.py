@@ -340,6 +340,9 @@ def test_loading_through_embplex_runs_no_file_of_the_folder(decoders, tmp_path):
     theirs = SentenceTransformer(str(tmp_path / "m"), device="cpu", trust_remote_code=True)
     assert isinstance(theirs[0], EmbplexModule)
     np.testing.assert_allclose(theirs.encode(TEXTS), model.encode(TEXTS), atol=1e-5)
+    # saved again by sentence-transformers: still a verified embplex folder
+    save_quietly(theirs, tmp_path / "again")
+    np.testing.assert_allclose(embplex.load(tmp_path / "again").encode(TEXTS), model.encode(TEXTS), atol=1e-6)
 
 
 def test_sentence_transformers_checks_the_checksums_too(decoders, tmp_path):
