@@ -174,14 +174,15 @@ class SentenceTransformersModule:
         ``sentence_transformers`` package: sentence-transformers refuses any other without
         ``trust_remote_code=True``.
     :param config: written as JSON to ``config_file`` in the module's folder.
-    :param config_file: the file sentence-transformers reads the module's settings from.
+    :param config_file: the file sentence-transformers reads the module's settings from;
+        ``None`` for a module without settings.
     :param in_root: the module lives at the model folder's root (the transformer does;
         the other modules get a folder ``<index>_<class name>``).
     """
 
     type: str
     config: dict[str, Any] = field(default_factory=dict)
-    config_file: str = "config.json"
+    config_file: str | None = "config.json"
     in_root: bool = False
 
 

@@ -332,7 +332,7 @@ class EmbeddingModel(nn.Module):
         if not modules[0].in_root:
             return None  # sentence-transformers reads its transformer from the root only
         if self.normalize:
-            modules.append(SentenceTransformersModule("sentence_transformers.models.Normalize", config_file=""))
+            modules.append(SentenceTransformersModule("sentence_transformers.models.Normalize", config_file=None))
         return modules
 
     def _save_sentence_transformers(self, root: Path, destination: Path) -> None:
@@ -355,7 +355,7 @@ class EmbeddingModel(nn.Module):
             for idx, module in enumerate(modules):
                 folder = "" if module.in_root else f"{idx}_{module.type.rsplit('.', 1)[-1]}"
                 (root / folder).mkdir(parents=True, exist_ok=True)
-                if module.config_file:
+                if module.config_file is not None:
                     write_json(root / folder / module.config_file, module.config)
                 entries.append({"idx": idx, "name": str(idx), "path": folder, "type": module.type})
         write_json(root / "modules.json", entries)

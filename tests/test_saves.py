@@ -175,10 +175,10 @@ def test_the_cli_refuses_a_corrupt_folder_and_nan_vectors_with_exit_2(tiny_model
 # ---------------------------------------------------------------------------
 
 
-def sharing_backbone(base: embplex.EmbeddingModel, pooling, attention=None, normalize=True, registry=None):
+def sharing_backbone(base: embplex.EmbeddingModel, pooling, attention=None, normalize=True):
     """``base``'s backbone (already loaded) with another pooling, attention and normalize:
     what ``embplex.compose`` would build, without loading the backbone again."""
-    registry = registry or embplex.load_registry()
+    registry = embplex.load_registry()
     specs = {"backbone": base.specs["backbone"]}
     parts = {}
     for kind, value in (("pooling", pooling), ("attention", attention)):
