@@ -17,6 +17,7 @@ from .errors import (
     ModelFileError,
     NonFiniteError,
     UnknownComponentError,
+    UnsafeConfigError,
 )
 from .registry import Registry, load_registry
 from .storage import atomic_directory, checksum_tree, read_json, verify_checksums, write_json
@@ -372,11 +373,16 @@ class EmbeddingModel(nn.Module):
         return "the model with " + ", ".join(names) if names else "the model"
 
     @classmethod
-    def load(cls, path: str | Path, registry: Registry | None = None) -> "EmbeddingModel":
+    def load(
+        cls, path: str | Path, registry: Registry | None = None, trust_remote_code: bool = False
+    ) -> "EmbeddingModel":
         """Load a model saved by :meth:`save`, resolving its plugins through the registry.
 
         Every file is checked against the SHA-256 recorded at save time first; a folder
-        saved before checksums existed (format 1) loads with a warning.
+        saved before checksums existed (format 1) loads with a warning. A folder whose
+        config sets a component option ``trust_remote_code`` (the convention of every
+        plugin that can run a model's own code) is refused unless ``trust_remote_code``
+        is passed: loading never runs code from the folder by itself.
         """
         root = Path(path)
         if not root.is_dir():
@@ -387,6 +393,7 @@ class EmbeddingModel(nn.Module):
         _verify_saved_files(root, config)
         registry = registry or load_registry()
         specs = config["components"]
+        _refuse_remote_code(root, specs, trust_remote_code)
         parts: dict[str, Any] = {}
         for kind, spec in specs.items():
             try:
@@ -405,6 +412,17 @@ class EmbeddingModel(nn.Module):
         )
         model.source = str(root)
         return model
+
+
+def _refuse_remote_code(root: Path, specs: dict[str, Any], trusted: bool) -> None:
+    asking = [kind for kind, spec in specs.items() if (spec.get("options") or {}).get("trust_remote_code")]
+    if asking and not trusted:
+        raise UnsafeConfigError(
+            f"{root / CONFIG_FILE} sets {asking[0]}.trust_remote_code=true: loading it would run "
+            "Python code from the model folder (or from a repository its config names). Only if "
+            "you trust where it came from, pass trust_remote_code=True to embplex.load (on the "
+            "command line: backbone.trust_remote_code=true)."
+        )
 
 
 def _verify_saved_files(root: Path, config: dict[str, Any]) -> None:

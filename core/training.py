@@ -600,7 +600,8 @@ class Trainer:
                 f"{checkpoint / STATE_FILE} is incomplete; delete {checkpoint} to resume from an "
                 "earlier checkpoint."
             )
-        saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry)
+        trusted = any((spec.get("options") or {}).get("trust_remote_code") for spec in self.model.specs.values())
+        saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry, trust_remote_code=trusted)
         try:
             self.model.load_state_dict(saved_model.state_dict(), strict=True)
             self.loss.load_state_dict(state["loss"], strict=True)

@@ -15,7 +15,7 @@ import torch
 import embplex
 from embplex import evaluation
 from embplex import model as embplex_model
-from embplex.errors import ModelFileError, NonFiniteError
+from embplex.errors import ModelFileError, NonFiniteError, UnsafeConfigError
 from embplex.integrations.sentence_transformers import EmbplexModule
 from embplex.storage import sha256_file
 from tiny_decoders import FAMILIES
@@ -120,6 +120,15 @@ def test_a_config_that_cannot_be_verified_is_refused(tiny_model, tmp_path, chang
     rewrite_config(tmp_path / "m", **changes)
     with pytest.raises(ModelFileError, match=message):
         embplex.load(tmp_path / "m")
+
+
+def test_a_folder_asking_to_run_its_own_code_needs_consent(tiny_bert_path, tmp_path):
+    model = embplex.compose({"name": "hf_encoder", "path": tiny_bert_path, "trust_remote_code": True}, pooling="mean")
+    save_quietly(model, tmp_path / "m")
+    with pytest.raises(UnsafeConfigError, match=r"backbone\.trust_remote_code=true.*pass trust_remote_code=True"):
+        embplex.load(tmp_path / "m")
+    loaded = embplex.load(tmp_path / "m", trust_remote_code=True)
+    np.testing.assert_allclose(loaded.encode(TEXTS), model.encode(TEXTS), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -49,7 +49,9 @@ class EmbplexModule(InputModule):
                 f"{model_name_or_path!r} is neither a local folder nor a model on the Hub; load it "
                 "with embplex.load(path) from a local copy."
             )
-        return cls(EmbeddingModel.load(Path(folder)))
+        # sentence-transformers' trust_remote_code: the user's consent to run code the
+        # folder's config selects, which is what embplex.load asks for too
+        return cls(EmbeddingModel.load(Path(folder), trust_remote_code=bool(kwargs.get("trust_remote_code"))))
 
     # -- what sentence-transformers asks of an input module ---------------------------
 
