@@ -26,6 +26,7 @@ from .components import (
     Pooling,
     Sampler,
     SearchResult,
+    SentenceTransformersModule,
     TrainingBatch,
     TrainingContext,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "Registry",
     "Sampler",
     "SearchResult",
+    "SentenceTransformersModule",
     "TrainingBatch",
     "TrainingContext",
     "compose",

@@ -26,7 +26,9 @@ from .registry import Registry
 def build_model(cfg: dict[str, Any], registry: Registry) -> EmbeddingModel:
     """Load ``model.load`` when set, else compose the configured plugins."""
     if cfg["model"].get("load"):
-        return EmbeddingModel.load(saved_model_folder(cfg["model"]["load"]), registry=registry)
+        # backbone.trust_remote_code=true is the user's consent to run the folder's code
+        trusted = bool((cfg.get("backbone") or {}).get("trust_remote_code"))
+        return EmbeddingModel.load(saved_model_folder(cfg["model"]["load"]), registry=registry, trust_remote_code=trusted)
     return EmbeddingModel.compose(
         backbone=component_config(cfg, "backbone"),
         attention=component_config(cfg, "attention"),

@@ -310,7 +310,9 @@ class Checkpoints:
                 "earlier checkpoint."
             )
         self._restore_sampler(checkpoint, parts.sampler, state.get("sampler"))
-        saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry)
+        # the run's own config (its backbone's trust_remote_code) is the consent to run code
+        trusted = any((spec.get("options") or {}).get("trust_remote_code") for spec in parts.model.specs.values())
+        saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry, trust_remote_code=trusted)
         try:
             parts.model.load_state_dict(saved_model.state_dict(), strict=True)
             parts.loss.load_state_dict(state["loss"], strict=True)

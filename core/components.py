@@ -48,6 +48,7 @@ __all__ = [
     "Pooling",
     "SearchResult",
     "Sampler",
+    "SentenceTransformersModule",
     "TrainingBatch",
     "TrainingContext",
 ]
@@ -154,13 +155,38 @@ class Component(nn.Module):
             component.load_state_dict(load_safetensors(weights), strict=True)
         return component
 
-    def sentence_transformers_module(
-        self, root: Path, index: int, hidden_size: int
-    ) -> dict[str, str] | None:
-        """Write this part in sentence-transformers' layout as module number ``index``
-        and return its ``modules.json`` entry, or ``None`` when sentence-transformers has
-        no equivalent (the default). ``hidden_size`` is the backbone's width."""
+    def sentence_transformers_export(self, hidden_size: int) -> "SentenceTransformersModule | None":
+        """This part as a sentence-transformers module, or ``None`` (the default) when no
+        ``sentence_transformers.*`` module computes exactly what it computes.
+
+        Return a module only when sentence-transformers, given the saved files, gives the
+        same vectors as this part (within 1e-5) for every text encoded without a prompt.
+        ``hidden_size`` is the backbone's width. When every part of a model exports, the
+        saved folder loads in plain sentence-transformers; when one returns ``None`` it
+        loads there only through :mod:`embplex.integrations.sentence_transformers`
+        (see docs/concepts.md, "Saved models and sentence-transformers")."""
         return None
+
+
+@dataclass
+class SentenceTransformersModule:
+    """One module of sentence-transformers' saved layout (an entry of ``modules.json``).
+
+    :param type: the sentence-transformers class, e.g.
+        ``"sentence_transformers.models.Pooling"``. Only classes of the
+        ``sentence_transformers`` package: sentence-transformers refuses any other without
+        ``trust_remote_code=True``.
+    :param config: written as JSON to ``config_file`` in the module's folder.
+    :param config_file: the file sentence-transformers reads the module's settings from;
+        ``None`` for a module without settings.
+    :param in_root: the module lives at the model folder's root (the transformer does;
+        the other modules get a folder ``<index>_<class name>``).
+    """
+
+    type: str
+    config: dict[str, Any] = field(default_factory=dict)
+    config_file: str | None = "config.json"
+    in_root: bool = False
 
 
 # ---------------------------------------------------------------------------

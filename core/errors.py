@@ -42,6 +42,10 @@ class DimensionError(EmbplexError, ValueError):
     """Vectors whose width does not match the index or model."""
 
 
+class NonFiniteError(EmbplexError, ArithmeticError):
+    """A model produced NaN or infinite numbers where a result was expected."""
+
+
 class ModelFileError(EmbplexError, OSError):
     """A saved model, checkpoint or index that is missing or corrupt."""
 

@@ -275,11 +275,7 @@ def saving_index(path: str | Path, index: "Index", name: str) -> Iterator[Path]:
     """
     with atomic_directory(path) as root:
         yield root
-        checksums = {
-            item.relative_to(root).as_posix(): sha256_file(item)
-            for item in sorted(root.rglob("*"))
-            if item.is_file()
-        }
+        checksums = checksum_tree(root)
         write_json(
             root / INDEX_MANIFEST,
             {
@@ -336,13 +332,40 @@ def verify_index(path: str | Path, name: str, dim: int | None = None) -> dict[st
             f"{root} holds vectors of dimension {manifest['dim']}, but dimension {dim} was expected "
             "(a different model?); build the index again with this model."
         )
-    for relative, expected in manifest["sha256"].items():
-        item = root / relative
-        if not item.is_file():
-            raise ModelFileError(f"{item} is missing from the saved index; build the index again.")
-        if sha256_file(item) != expected:
-            raise ModelFileError(
-                f"{item} is corrupt: its SHA-256 differs from the one recorded in {INDEX_MANIFEST} when the "
-                "index was saved (disk corruption, a partial copy or an edit); build the index again."
-            )
+    verify_checksums(root, manifest["sha256"], root / INDEX_MANIFEST, remedy="build the index again")
     return manifest
+
+
+def checksum_tree(root: str | Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{relative/path: sha256}`` for every file under ``root`` except ``skip``
+    (paths relative to ``root``, with ``/`` separators)."""
+    root = Path(root)
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() not in skip
+    }
+
+
+def verify_checksums(
+    root: str | Path, recorded: dict[str, str], record: str | Path, remedy: str = "save the model again"
+) -> None:
+    """Raise :class:`ModelFileError` naming the first file under ``root`` that is missing
+    or whose bytes differ from its checksum in ``recorded`` (read from ``record``);
+    ``remedy`` is what the message tells the user to do."""
+    root = Path(root)
+    for name, expected in sorted(recorded.items()):
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ModelFileError(f"{record} lists {name!r}, which is outside {root}; {remedy}.")
+        if not path.is_file():
+            raise ModelFileError(
+                f"{path} is missing: {record} lists it as part of what was saved. Restore it "
+                f"from a backup or {remedy}."
+            )
+        if sha256_file(path) != expected:
+            raise ModelFileError(
+                f"{path} is corrupt: its bytes no longer match the SHA-256 recorded in {record} "
+                f"when it was saved (disk corruption, a partial copy or an edit). Restore the file "
+                f"from a backup or {remedy}; loading it would give wrong vectors."
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -174,7 +175,9 @@ def test_save_and_load_round_trip(decoders, tmp_path):
     loaded = embplex.load(tmp_path / "saved")
     assert loaded.backbone.tokenizer.padding_side == "left" and loaded.backbone.max_length == 32
     torch.testing.assert_close(torch.from_numpy(loaded.encode(TEXTS, prompt="query: ")), torch.from_numpy(before))
-    assert not (tmp_path / "saved" / "modules.json").exists()  # sentence-transformers would not append EOS
+    # sentence-transformers' own modules would not append EOS: it may load the folder only through embplex
+    modules = json.loads((tmp_path / "saved" / "modules.json").read_text())
+    assert [m["type"] for m in modules] == ["embplex.integrations.sentence_transformers.EmbplexModule"]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -10,11 +10,12 @@ batching); the default ``fp32`` gives sentence-transformers' embeddings exactly.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+import torch
+
 import embplex
-from embplex.components import Backbone
+from embplex.components import Backbone, SentenceTransformersModule
 from embplex.hf import TransformersBackbone
 
 
@@ -31,19 +32,22 @@ class HFEncoder(TransformersBackbone, Backbone):
         precision: str = "fp32",
     ) -> None:
         super().__init__()
+        self.trust_remote_code = trust_remote_code
         self._load(path, max_length, num_layers, trust_remote_code, dtype)
         self._set_precision(precision)
 
-    def sentence_transformers_module(
-        self, root: Path, index: int, hidden_size: int
-    ) -> dict[str, str] | None:
-        if index != 0:
+    def sentence_transformers_export(self, hidden_size: int) -> SentenceTransformersModule | None:
+        # sentence-transformers' Transformer runs the float32 weights through the model's
+        # own forward: the same vectors only at fp32 precision on float32 weights, and
+        # without code of the model's own (which it would refuse without trust_remote_code).
+        if self.precision != "fp32" or self.model.dtype != torch.float32 or self.trust_remote_code:
             return None
-        embplex.storage.write_json(
-            root / "sentence_bert_config.json",
-            {"max_seq_length": self.max_length, "do_lower_case": False},
+        return SentenceTransformersModule(
+            type="sentence_transformers.models.Transformer",
+            config={"max_seq_length": self.max_length, "do_lower_case": False},
+            config_file="sentence_bert_config.json",
+            in_root=True,
         )
-        return {"path": "", "type": "sentence_transformers.models.Transformer"}
 
 
 @embplex.hookimpl

@@ -11,14 +11,13 @@ first token of the text proper instead of the prompt's first token.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 import embplex
-from embplex.components import Features, Pooling
+from embplex.components import Features, Pooling, SentenceTransformersModule
 
 
 class ClsPooling(Pooling):
@@ -32,14 +31,10 @@ class ClsPooling(Pooling):
         states = features.last_hidden_state
         return states[torch.arange(states.shape[0], device=states.device), first]
 
-    def sentence_transformers_module(
-        self, root: Path, index: int, hidden_size: int
-    ) -> dict[str, str] | None:
-        # sentence-transformers also takes the first real token and keeps the prompt in
-        # by default; only the encoder backbone exports, and its [CLS] precedes any
-        # prompt, so the two agree with and without prompts.
-        return embplex.sentence_transformers_pooling(root, index, "cls", hidden_size)
-
+    def sentence_transformers_export(self, hidden_size: int) -> SentenceTransformersModule:
+        # sentence-transformers also takes the first real token. Only the encoder backbone
+        # exports, and its [CLS] precedes any prompt, so the two agree with prompts too.
+        return embplex.sentence_transformers_pooling("cls", hidden_size)
 
 
 @embplex.hookimpl

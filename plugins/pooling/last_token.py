@@ -11,14 +11,13 @@ when the text itself was truncated away.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 import embplex
-from embplex.components import Features, Pooling
+from embplex.components import Features, Pooling, SentenceTransformersModule
 
 
 class LastTokenPooling(Pooling):
@@ -33,13 +32,10 @@ class LastTokenPooling(Pooling):
         states = features.last_hidden_state
         return states[torch.arange(states.shape[0], device=states.device), last]
 
-    def sentence_transformers_module(
-        self, root: Path, index: int, hidden_size: int
-    ) -> dict[str, str] | None:
+    def sentence_transformers_export(self, hidden_size: int) -> SentenceTransformersModule:
         # The prompt precedes the text, so leaving it out never moves the last token:
-        # sentence-transformers' "lasttoken" is the same vector.
-        return embplex.sentence_transformers_pooling(root, index, "lasttoken", hidden_size)
-
+        # sentence-transformers' "lasttoken" is the same vector with prompts too.
+        return embplex.sentence_transformers_pooling("lasttoken", hidden_size)
 
 
 @embplex.hookimpl

@@ -7,13 +7,12 @@ max, mean and [CLS] pooling. Padding never takes part; prompt tokens are left ou
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 import embplex
-from embplex.components import Features, Pooling
+from embplex.components import Features, Pooling, SentenceTransformersModule
 
 
 class MaxPooling(Pooling):
@@ -26,16 +25,11 @@ class MaxPooling(Pooling):
         states = features.last_hidden_state
         return states.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
 
-    def sentence_transformers_module(
-        self, root: Path, index: int, hidden_size: int
-    ) -> dict[str, str] | None:
-        # sentence-transformers either pools over the prompt or leaves out the prompt
-        # *and* [CLS]; neither equals leaving out the prompt alone, so with
-        # exclude_instruction on we write no sentence-transformers layout.
-        if self.exclude_instruction:
-            return None
-        return embplex.sentence_transformers_pooling(root, index, "max", hidden_size)
-
+    def sentence_transformers_export(self, hidden_size: int) -> SentenceTransformersModule:
+        # Without a prompt both take the maximum over every real token. With one,
+        # sentence-transformers either pools over the prompt or leaves out the prompt *and*
+        # [CLS]: neither equals exclude_instruction=True (docs/concepts.md says so).
+        return embplex.sentence_transformers_pooling("max", hidden_size)
 
 
 @embplex.hookimpl

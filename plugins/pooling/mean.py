@@ -7,13 +7,12 @@ all-MiniLM-L6-v2. Padding is always left out; instruction tokens are left out wh
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 import embplex
-from embplex.components import Features, Pooling
+from embplex.components import Features, Pooling, SentenceTransformersModule
 
 
 class MeanPooling(Pooling):
@@ -27,10 +26,8 @@ class MeanPooling(Pooling):
         weights = mask.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
-    def sentence_transformers_module(
-        self, root: Path, index: int, hidden_size: int
-    ) -> dict[str, str] | None:
-        return embplex.sentence_transformers_pooling(root, index, "mean", hidden_size)
+    def sentence_transformers_export(self, hidden_size: int) -> SentenceTransformersModule:
+        return embplex.sentence_transformers_pooling("mean", hidden_size)
 
 
 @embplex.hookimpl

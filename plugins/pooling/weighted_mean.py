@@ -10,13 +10,12 @@ positions in the full sequence (they did read the prompt), as sentence-transform
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 import embplex
-from embplex.components import Features, Pooling
+from embplex.components import Features, Pooling, SentenceTransformersModule
 
 
 class WeightedMeanPooling(Pooling):
@@ -31,15 +30,10 @@ class WeightedMeanPooling(Pooling):
         weights = (positions * mask).unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
-    def sentence_transformers_module(
-        self, root: Path, index: int, hidden_size: int
-    ) -> dict[str, str] | None:
-        # Same weights as sentence-transformers' "weightedmean"; but it cannot leave out
-        # the prompt while keeping [CLS], so with exclude_instruction on we write none.
-        if self.exclude_instruction:
-            return None
-        return embplex.sentence_transformers_pooling(root, index, "weightedmean", hidden_size)
-
+    def sentence_transformers_export(self, hidden_size: int) -> SentenceTransformersModule:
+        # Same position weights as sentence-transformers' "weightedmean" without a prompt;
+        # it cannot leave out the prompt while keeping [CLS] (docs/concepts.md says so).
+        return embplex.sentence_transformers_pooling("weightedmean", hidden_size)
 
 
 @embplex.hookimpl
