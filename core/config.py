@@ -52,7 +52,6 @@ def compose_config(
     """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     registry = registry or load_registry()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import numbers
 import warnings
 from pathlib import Path

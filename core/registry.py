@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 import pluggy
 
 from . import hookspecs
-from .errors import DuplicateComponentError, EmbplexError, PluginError, UnknownComponentError
+from .errors import DuplicateComponentError, EmbplexError, OptionError, PluginError, UnknownComponentError
 from .options import check_arguments
 
 ENTRY_POINT_GROUP = "embplex"
