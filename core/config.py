@@ -417,7 +417,7 @@ def run_hydra_app(
 
     refuse_target_overrides(args)
     started: list[bool] = []
-    stopped: list[EmbplexError] = []
+    stopped: list[Exception] = []
 
     def task_function(hydra_cfg: Any) -> Any:
         started.append(True)
@@ -436,11 +436,11 @@ def run_hydra_app(
             if os.path.abspath(cfg["output_dir"]) != os.path.abspath(job.output_dir):
                 cfg["output_dir"] = job.output_dir
             return task(cfg, job)
-        except EmbplexError as exc:
-            if multirun:
+        except (EmbplexError, OSError) as exc:
+            if multirun or (isinstance(exc, OSError) and exc.filename is None):
                 raise
             # raised again once Hydra has closed the run: its own report of a failed
-            # job would print the overrides before our message
+            # job would print the overrides before our one-line message
             stopped.append(exc)
             return None
 

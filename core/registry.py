@@ -114,8 +114,8 @@ class ComponentInfo:
         if self.wants_registry:
             if REGISTRY_PARAMETER in arguments:
                 raise OptionError(
-                    f"{self.kind} '{self.name}' receives the registry that builds it; "
-                    f"'{REGISTRY_PARAMETER}' is not an option to set. Remove it from the config."
+                    f"{self.kind} '{self.name}' has no option '{REGISTRY_PARAMETER}': it receives "
+                    "the registry that builds it. Remove it from the config."
                 )
             if self.registry is None:
                 raise RuntimeError(
@@ -127,7 +127,13 @@ class ComponentInfo:
 
     def create(self, **options: Any) -> Any:
         """Build the component, rejecting options its factory does not take."""
-        check_options(self, options)
+        return self.create_at(self.kind, options)
+
+    def create_at(self, path: str, options: Mapping[str, Any]) -> Any:
+        """Build the component from ``options`` found at config path ``path`` (``"loss"``,
+        ``"loss.inner.0"``), so that an error names the key the user must fix."""
+        options = dict(options)
+        check_options(self, options, prefix=path)
         with reported_by(self):
             return self.factory(**self.factory_arguments(options))
 
@@ -139,9 +145,11 @@ def _is_registry_parameter(parameter: inspect.Parameter) -> bool:
     return parameter.name == REGISTRY_PARAMETER and parameter.kind == parameter.KEYWORD_ONLY
 
 
-def check_options(info: ComponentInfo, options: dict[str, Any]) -> None:
+def check_options(info: ComponentInfo, options: dict[str, Any], prefix: str | None = None) -> None:
     """Refuse an option the factory does not take or a value its annotation does not allow."""
-    check_arguments(info.factory, options, owner=f"{info.kind} '{info.name}'", prefix=info.kind)
+    check_arguments(
+        info.factory, options, owner=f"{info.kind} '{info.name}'", prefix=info.kind if prefix is None else prefix
+    )
 
 
 @contextlib.contextmanager
@@ -220,9 +228,10 @@ class Registry:
                 f"{option} must be a {kind} plugin name or a config with a 'name' key, not {spec!r}."
             )
         try:
-            return self.create(kind, name, **options)
-        except (UnknownComponentError, OptionError) as exc:
-            raise type(exc)(f"{option}: {exc}") from None
+            info = self.get(kind, name)
+        except UnknownComponentError as exc:
+            raise UnknownComponentError(f"{option}: {exc}") from None
+        return info.create_at(option, options)
 
     def __iter__(self) -> Iterable[ComponentInfo]:
         for kind in KINDS:

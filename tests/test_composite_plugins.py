@@ -123,7 +123,7 @@ def test_an_inner_plugin_disabled_in_the_building_registry_is_unreachable(monkey
 
 
 def test_a_bad_inner_option_or_spec_is_refused_naming_the_option(in_process):
-    with pytest.raises(OptionError, match=r"loss\.inner\.0: loss 'constant' has no option 'valeu'"):
+    with pytest.raises(OptionError, match=r"Unknown key loss\.inner\.0\.valeu: loss 'constant' has no option 'valeu'"):
         in_process.create("loss", "weighted_sum", inner=[{"name": "constant", "valeu": 2}])
     with pytest.raises(OptionError, match=r"loss\.inner\.0 must be a loss plugin name or a config"):
         in_process.create("loss", "weighted_sum", inner=[{"value": 2}])

@@ -178,7 +178,7 @@ def test_a_value_of_the_wrong_type_is_refused_at_composition(registry, override,
         ("train.lr=1", ("train", "lr"), 1),  # a whole number is a number
         ("search.query='42'", ("search", "query"), "42"),
         ("backbone.num_layers=null", ("backbone", "num_layers"), None),
-        ("+train.keep_checkpoints=2", ("train", "keep_checkpoints"), 2),
+        ("++train.keep_checkpoints=3", ("train", "keep_checkpoints"), 3),  # add-or-override
     ],
 )
 def test_values_of_the_right_type_pass(registry, override, key, value):

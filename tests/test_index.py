@@ -251,7 +251,7 @@ def test_flipped_vector_bytes_are_detected_on_load(tmp_path):
     index.save(tmp_path / "idx")
     vectors_file = tmp_path / "idx" / "vectors.safetensors"
     flip_one_byte(vectors_file, len(vectors_file.read_bytes()) - 3)
-    with pytest.raises(ModelFileError, match="vectors.safetensors is corrupt: its SHA-256 differs"):
+    with pytest.raises(ModelFileError, match="vectors.safetensors is corrupt: its bytes no longer match the SHA-256"):
         ExactIndex.load(tmp_path / "idx")
 
 
