@@ -81,13 +81,15 @@ class _StepLog:
                 "rss_before_training_mib": self.rss_before, "trainer": trainer}
 
 
-def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) -> dict[str, Any]:
+def run_ours(
+    path: str, batch_size: int, steps: int, warmup: int, output: Path, device: str = "cpu", bf16: bool = False
+) -> dict[str, Any]:
     import embplex
     from embplex.components import Example
     from embplex.training import TrainSettings, train
 
     registry = embplex.load_registry()
-    model = embplex.compose({"name": "hf_encoder", "path": path}, pooling="mean", registry=registry)
+    model = embplex.compose({"name": "hf_encoder", "path": path}, pooling="mean", registry=registry, device=device)
     examples = [Example(anchor=a, positive=p) for a, p in _pairs(batch_size, steps)]
     loss = registry.create("loss", "infonce", temperature=0.05)
     sampler = registry.create("sampler", "random")
@@ -99,6 +101,7 @@ def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) 
         weight_decay=WEIGHT_DECAY,
         warmup_ratio=WARMUP_RATIO,
         max_grad_norm=MAX_GRAD_NORM,
+        bf16=bf16,
         tensorboard=False,
         progress_bar=False,
         log_every=steps,
@@ -110,7 +113,9 @@ def run_ours(path: str, batch_size: int, steps: int, warmup: int, output: Path) 
     return log.figures("embplex.training.train")
 
 
-def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) -> dict[str, Any]:
+def run_st(
+    path: str, batch_size: int, steps: int, warmup: int, output: Path, device: str = "cpu", bf16: bool = False
+) -> dict[str, Any]:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -120,7 +125,7 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
         from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     torch.manual_seed(SEED)
-    model = SentenceTransformer(path, device="cpu")
+    model = SentenceTransformer(path, device=device)
     loss = MultipleNegativesRankingLoss(model, scale=20.0)
     pairs = _pairs_in_batch_order(batch_size, steps)
     log = _StepLog()
@@ -155,7 +160,8 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
             logging_steps=steps,
             report_to="none",
             disable_tqdm=True,
-            use_cpu=True,
+            use_cpu=device == "cpu",
+            bf16=bf16,
             seed=SEED,
             dataloader_drop_last=True,
             batch_sampler=in_given_order,
@@ -180,8 +186,12 @@ def run_st(path: str, batch_size: int, steps: int, warmup: int, output: Path) ->
         log.start()
         for step in range(steps):
             rows = pairs[step * batch_size : (step + 1) * batch_size]
-            features = [model.tokenize([r[column] for r in rows]) for column in (0, 1)]
-            value = loss(features, labels=None)
+            features = [
+                {k: v.to(device) if hasattr(v, "to") else v for k, v in model.tokenize([r[column] for r in rows]).items()}
+                for column in (0, 1)
+            ]
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                value = loss(features, labels=None)
             value.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             optimizer.step()

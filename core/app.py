@@ -28,13 +28,19 @@ def build_model(cfg: dict[str, Any], registry: Registry) -> EmbeddingModel:
     if cfg["model"].get("load"):
         # backbone.trust_remote_code=true is the user's consent to run the folder's code
         trusted = bool((cfg.get("backbone") or {}).get("trust_remote_code"))
-        return EmbeddingModel.load(saved_model_folder(cfg["model"]["load"]), registry=registry, trust_remote_code=trusted)
+        return EmbeddingModel.load(
+            saved_model_folder(cfg["model"]["load"]),
+            registry=registry,
+            trust_remote_code=trusted,
+            device=cfg.get("device", "auto"),
+        )
     return EmbeddingModel.compose(
         backbone=component_config(cfg, "backbone"),
         attention=component_config(cfg, "attention"),
         pooling=component_config(cfg, "pooling"),
         normalize=cfg["model"]["normalize"],
         registry=registry,
+        device=cfg.get("device", "auto"),
     )
 
 

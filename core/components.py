@@ -83,13 +83,24 @@ class Features:
     layer: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to(self, device: torch.device | str) -> "Features":
-        moved = {
-            f.name: (v.to(device) if isinstance(v, Tensor) else v)
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return Features(**moved)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Features":
+        """The features on ``device``, hidden states and tensors in ``extra`` included.
+        ``non_blocking`` overlaps the copy to a GPU with work already queued there (the
+        tensors are pinned first, which that needs)."""
+        device = torch.device(device)
+        pin = non_blocking and device.type == "cuda"
+
+        def move(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                source = value.pin_memory() if pin and value.device.type == "cpu" else value
+                return source.to(device, non_blocking=non_blocking)
+            if isinstance(value, tuple):
+                return tuple(move(item) for item in value)
+            if isinstance(value, dict):
+                return {key: move(item) for key, item in value.items()}
+            return value
+
+        return Features(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     @property
     def token_mask(self) -> Tensor:

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from .errors import EmbplexError, UnsafeConfigError
@@ -230,6 +231,7 @@ def core_schema() -> dict[str, Any]:
     return {
         "seed": int,
         "output_dir": str,
+        "device": str,
         "model": ModelSection,
         "train": TrainSettings,
         "encode": EncodeSection,
@@ -276,6 +278,10 @@ def check_config(cfg: Any, registry: Registry) -> None:
             check_arguments(expected, values, owner=f"the {section} section", prefix=section)
         else:
             check_value(section, cfg[section], expected, "the config")
+    if isinstance(cfg.get("device"), str):
+        from .devices import resolve_device
+
+        resolve_device(cfg["device"])  # cuda on a machine without one fails here, not mid-run
     for kind in KINDS:
         node = component_config(cfg, kind)
         if node is not None:
@@ -389,6 +395,25 @@ def _with_overrides(args: Sequence[str], extra: Sequence[str]) -> list[str]:
     return [*extra, *overrides, *flags]
 
 
+def record_device(cfg: dict[str, Any], saved_config: Path) -> None:
+    """Set ``cfg["device"]`` to the device ``auto`` (or ``cuda``) chose, and write it into
+    the run's saved config, so that it says where the run ran, not what was asked for
+    (``overrides.yaml`` keeps that)."""
+    from omegaconf import OmegaConf
+
+    from .devices import resolve_device
+    from .storage import atomic_write_text
+
+    used = str(resolve_device(cfg.get("device", "auto")))
+    if used == cfg.get("device"):
+        return
+    cfg["device"] = used
+    if saved_config.is_file():
+        saved = OmegaConf.load(saved_config)
+        saved.device = used
+        atomic_write_text(saved_config, OmegaConf.to_yaml(saved))
+
+
 def run_hydra_app(
     command: str,
     args: Sequence[str],
@@ -435,6 +460,8 @@ def run_hydra_app(
             cfg = finish_config(hydra_cfg, registry)
             if os.path.abspath(cfg["output_dir"]) != os.path.abspath(job.output_dir):
                 cfg["output_dir"] = job.output_dir
+            if runtime.output_subdir is not None:
+                record_device(cfg, Path(job.output_dir) / runtime.output_subdir / "config.yaml")
             return task(cfg, job)
         except (EmbplexError, OSError) as exc:
             if multirun or (isinstance(exc, OSError) and exc.filename is None):

@@ -73,3 +73,12 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, checkpoint: "object | None" = None) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
+
+
+class DeviceError(EmbplexError, ValueError):
+    """A ``device`` this machine does not have (``cuda`` without a GPU, ``cuda:3`` on a
+    one-GPU machine, ``mps`` off Apple silicon), or a form that is not a device."""
+
+
+class OutOfMemoryError(EmbplexError, MemoryError):
+    """The accelerator ran out of memory and embplex could not work around it."""

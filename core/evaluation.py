@@ -211,6 +211,7 @@ def describe_model(model: Any) -> dict[str, Any]:
         "components": getattr(model, "specs", None),
         "dim": getattr(model, "dim", None),
         "normalize": getattr(model, "normalize", None),
+        "device": str(model.device) if hasattr(model, "device") else None,  # the one it ran on
         "embplex_version": __version__,
     }
 

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .devices import is_out_of_memory, resolve_device
 from .components import Attention, Backbone, Features, Pooling, SentenceTransformersModule, TrainingBatch
 from .errors import (
     InputError,
+    OutOfMemoryError,
     MissingPluginError,
     ModelFileError,
     NonFiniteError,
@@ -80,6 +82,7 @@ class EmbeddingModel(nn.Module):
         attention: str | Mapping[str, Any] | Attention | None = None,
         normalize: bool = True,
         registry: Registry | None = None,
+        device: str | torch.device | None = "auto",
     ) -> "EmbeddingModel":
         """Build a model from plugin names and options, the same ones the CLI takes::
 
@@ -88,7 +91,11 @@ class EmbeddingModel(nn.Module):
         Each part may also be a component already built (``attention=MyPolicy(window=4)``);
         such a model encodes, but ``save`` and ``train`` refuse it up front, since embplex
         does not know the options the part was built with.
+
+        :param device: where the model runs: ``auto`` (CUDA, then MPS, then the CPU),
+            ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (see :mod:`embplex.devices`).
         """
+        target = resolve_device(device)  # a device the machine lacks fails before any loading
         registry = registry or load_registry()
         given = {"backbone": backbone, "attention": attention, "pooling": pooling}
         specs: dict[str, dict[str, Any]] = {}
@@ -113,7 +120,7 @@ class EmbeddingModel(nn.Module):
             attention=parts.get("attention"),
             normalize=normalize,
             specs=specs,
-        )
+        ).to(target)
 
     @property
     def dim(self) -> int:
@@ -252,6 +259,9 @@ class EmbeddingModel(nn.Module):
         chunks: list[Tensor] = []
         positions: list[np.ndarray] = []
         truncated = 0
+        # The most texts a forward pass may hold: halved each time the accelerator runs
+        # out of memory, so one oversized batch does not end a long encode.
+        rows_that_fit = batch_size
         try:
             with torch.inference_mode(), tqdm(
                 total=len(texts), desc="Encoding", unit="text", disable=not show_progress
@@ -264,23 +274,28 @@ class EmbeddingModel(nn.Module):
                             f"{self.backbone.max_length} tokens; shorten them or pass "
                             "truncation='warn' to truncate."
                         )
-                    features = self.backbone(
-                        features.to(self.device), attention=self.attention, num_layers=layer
-                    )
-                    pooled = self.pooling(features.at_layer(layer)).float()
-                    if dim is not None:
-                        pooled = pooled[..., :dim]
-                    if normalize:
-                        pooled = nn.functional.normalize(pooled, dim=-1)
-                    if pooled.dim() == 3:  # a set of vectors per text (late interaction)
-                        keep = self.pooling.vector_mask(features).cpu()
-                        self._refuse_non_finite(pooled, keep, batch, texts)
-                        chunks.extend(rows[mask] for rows, mask in zip(pooled.cpu(), keep))
-                    else:
-                        self._refuse_non_finite(pooled, None, batch, texts)
-                        chunks.extend(pooled.cpu())
-                    positions.append(batch)
-                    bar.update(len(batch))
+                    pending = [(batch, features)]
+                    while pending:
+                        part, part_features = pending.pop(0)
+                        if len(part) > rows_that_fit:
+                            pending[:0] = _split_rows(part, part_features, rows_that_fit)
+                            continue
+                        try:
+                            vectors = self._encode_batch(part_features, layer, dim, normalize)
+                        except Exception as error:
+                            if not is_out_of_memory(error):
+                                raise
+                            rows_that_fit = self._fewer_rows_after_oom(error, len(part))
+                            pending[:0] = _split_rows(part, part_features, rows_that_fit)
+                            continue
+                        pooled, keep = vectors
+                        self._refuse_non_finite(pooled, keep, part, texts)
+                        if keep is not None:  # a set of vectors per text (late interaction)
+                            chunks.extend(rows[mask] for rows, mask in zip(pooled, keep))
+                        else:
+                            chunks.extend(pooled)
+                        positions.append(part)
+                        bar.update(len(part))
         finally:
             self.train(was_training)
         if truncated and truncation == "warn":
@@ -298,6 +313,40 @@ class EmbeddingModel(nn.Module):
         if single:
             embeddings = embeddings[0]
         return embeddings if convert_to == "torch" else embeddings.numpy()
+
+    def _encode_batch(
+        self, features: Features, layer: int | None, dim: int | None, normalize: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """One forward pass: the batch's vectors on the CPU, and for a multi-vector
+        pooling the mask of the vectors each text keeps (``None`` otherwise)."""
+        features = self.backbone(
+            features.to(self.device, non_blocking=True), attention=self.attention, num_layers=layer
+        )
+        pooled = self.pooling(features.at_layer(layer)).float()
+        if dim is not None:
+            pooled = pooled[..., :dim]
+        if normalize:
+            pooled = nn.functional.normalize(pooled, dim=-1)
+        keep = self.pooling.vector_mask(features).cpu() if pooled.dim() == 3 else None
+        return pooled.cpu(), keep
+
+    def _fewer_rows_after_oom(self, error: BaseException, rows: int) -> int:
+        """How many texts to try per pass after ``rows`` ran out of memory."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if rows <= 1:
+            raise OutOfMemoryError(
+                f"{self.describe()} ran out of {self.device.type} memory on a single text "
+                f"({error}). Lower backbone.max_length, use backbone.precision=fast, or run "
+                "on a device with more memory."
+            ) from error
+        warnings.warn(
+            f"out of {self.device.type} memory encoding {rows} texts in one pass; continuing "
+            f"with at most {rows // 2} (lower encode.batch_size to avoid the retries).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return rows // 2
 
     def _refuse_non_finite(
         self, vectors: Tensor, keep: Tensor | None, positions: np.ndarray, texts: list[str]
@@ -420,7 +469,11 @@ class EmbeddingModel(nn.Module):
 
     @classmethod
     def load(
-        cls, path: str | Path, registry: Registry | None = None, trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        registry: Registry | None = None,
+        trust_remote_code: bool = False,
+        device: str | torch.device | None = "auto",
     ) -> "EmbeddingModel":
         """Load a model saved by :meth:`save`, resolving its plugins through the registry.
 
@@ -428,8 +481,10 @@ class EmbeddingModel(nn.Module):
         saved before checksums existed (format 1) loads with a warning. A folder whose
         config sets a component option ``trust_remote_code`` (the convention of every
         plugin that can run a model's own code) is refused unless ``trust_remote_code``
-        is passed: loading never runs code from the folder by itself.
+        is passed: loading never runs code from the folder by itself. ``device`` is as
+        for :meth:`compose`.
         """
+        target = resolve_device(device)
         root = Path(path)
         if not root.is_dir():
             raise ModelFileError(f"no saved model at {root}: the folder does not exist.")
@@ -458,7 +513,7 @@ class EmbeddingModel(nn.Module):
             specs=specs,
         )
         model.source = str(root)
-        return model
+        return model.to(target)
 
 
 def _refuse_remote_code(root: Path, specs: dict[str, Any], trusted: bool) -> None:
@@ -587,6 +642,18 @@ def _to_width(vectors: Tensor, width: int, padding_side: str) -> Tensor:
     token width on the padding side, so positions line up with the unsplit batch."""
     filler = vectors.new_zeros(vectors.shape[0], width - vectors.shape[1], vectors.shape[2])
     return torch.cat([filler, vectors] if padding_side == "left" else [vectors, filler], dim=1)
+
+
+def _split_rows(
+    positions: np.ndarray, features: Features, most: int
+) -> list[tuple[np.ndarray, Features]]:
+    """A tokenized batch cut into consecutive parts of at most ``most`` texts, each with
+    its positions in the input, so the outputs can be put back in input order."""
+    width = features.input_ids.shape[1]
+    return [
+        (positions[start : start + most], _take_rows(features, torch.arange(start, min(start + most, len(positions))), width))
+        for start in range(0, len(positions), most)
+    ]
 
 
 def _take_rows(features: Features, rows: Tensor, width: int) -> Features:

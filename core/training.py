@@ -44,7 +44,8 @@ from torch import Tensor
 
 from .checkpoints import Checkpoints, Progress, Resumable, latest_checkpoint, list_checkpoints
 from .components import Example, Features, Index, Loss, Sampler, TrainingBatch, TrainingContext
-from .errors import InputError, OptionError, TrainingInterrupted
+from .devices import is_out_of_memory
+from .errors import InputError, OptionError, OutOfMemoryError, TrainingInterrupted
 from .storage import atomic_write_text
 
 if TYPE_CHECKING:
@@ -304,9 +305,9 @@ def make_training_batch(backbone: Any, examples: Sequence[Example]) -> TrainingB
 def _batch_to(batch: TrainingBatch, device: torch.device) -> TrainingBatch:
     return dataclasses.replace(
         batch,
-        anchors=batch.anchors.to(device),
-        positives=batch.positives.to(device),
-        negatives=batch.negatives.to(device) if batch.negatives is not None else None,
+        anchors=batch.anchors.to(device, non_blocking=True),
+        positives=batch.positives.to(device, non_blocking=True),
+        negatives=batch.negatives.to(device, non_blocking=True) if batch.negatives is not None else None,
         scores=batch.scores.to(device) if batch.scores is not None else None,
     )
 
@@ -426,6 +427,21 @@ class Trainer:
         self.warmup_steps = warmup if warmup is not None else math.ceil(settings.warmup_ratio * self.total_steps)
 
     # -- optimisation --------------------------------------------------------------
+
+    def _out_of_memory(self, error: BaseException, step: int) -> OutOfMemoryError:
+        """Training that ran out of accelerator memory: which settings trade memory away."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        settings = self.settings
+        saved = latest_checkpoint(self.output_dir)
+        resume = f" The run can resume from {saved}." if saved is not None else ""
+        return OutOfMemoryError(
+            f"out of {self.device.type} memory at step {step + 1} with train.batch_size="
+            f"{settings.batch_size}: lower train.batch_size (raise train.grad_accumulation to keep "
+            "the number of examples per update, though in-batch negatives then come from the "
+            "smaller batch), use a gradient-caching loss such as loss=cached_infonce, whose memory "
+            f"does not grow with the batch, or set train.bf16=true.{resume}"
+        )
 
     def _parameters(self) -> list[torch.nn.Parameter]:
         seen: set[int] = set()
@@ -578,6 +594,12 @@ class Trainer:
             )
 
         context = TrainingContext(model=self.model, make_index=self.make_index, step=progress.step)
+        if settings.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError(
+                f"train.bf16=true, but {torch.cuda.get_device_name(self.device)} has no bfloat16 "
+                "support; set train.bf16=false (embplex does not train in float16, which needs "
+                "loss scaling to stay finite)."
+            )
         autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=settings.bf16)
         bar = tqdm(
             total=self.total_steps,
@@ -634,9 +656,14 @@ class Trainer:
                         continue  # done before the checkpoint we resumed from
                     batch = make_training_batch(self.model.backbone, [self.examples[i] for i in indices])
                     batch = _batch_to(batch, self.device)
-                    with autocast:
-                        value = self.loss(self.model, batch)
-                    (value / settings.grad_accumulation).backward()
+                    try:
+                        with autocast:
+                            value = self.loss(self.model, batch)
+                        (value / settings.grad_accumulation).backward()
+                    except Exception as error:
+                        if is_out_of_memory(error):
+                            raise self._out_of_memory(error, progress.step) from error
+                        raise
                     micro_losses.append(float(value.detach()))
                     pending += 1
                     progress.position = position + 1

@@ -131,9 +131,36 @@ def test_run_py_refuses_an_unknown_benchmark():
     assert completed.returncode == 2 and "encode" in completed.stderr
 
 
-@pytest.mark.parametrize("script", ["bench_encode.py", "bench_train.py", "bench_length.py"])
+@pytest.mark.parametrize("script", ["bench_encode.py", "bench_train.py", "bench_length.py", "gpu_check.py"])
 def test_each_script_documents_its_smoke_mode(script):
     completed = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert completed.returncode == 0 and "--smoke" in completed.stdout
+
+
+def test_the_gpu_check_runs_on_the_cpu_and_fills_every_row(tmp_path, data_dir, tiny_bert_path):
+    # the script a session with a GPU runs once; here on the CPU, on a tiny model, so that
+    # it is known to work before device time is spent on it
+    output = tmp_path / "gpu.json"
+    environment = {**os.environ, "EMBPLEX_DATA": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke", "--model", tiny_bert_path,
+         "--output", str(output)],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(output.read_text(encoding="utf-8"))
+    assert result["machine"]["device"] == "cpu" and result["smoke"] is True
+    assert result["parity"]["max_abs_difference"] <= 1e-5, "the same weights give the same fp32 vectors"
+    assert abs(result["parity"]["spearman_ours"] - result["parity"]["spearman_st"]) < 0.01
+    encode = result["encode"]
+    assert encode["ours_fast_texts_per_second"] > 0 and encode["st_best"]["texts_per_second"] > 0
+    assert encode["ours_fast_min_cosine"] > 0.99
+    for side in ("ours", "st"):
+        assert result["train"][side]["steps_per_second"] > 0
+    lora = result["lora"]
+    assert "skipped" in lora or (lora["finite"] and lora["trainable_parameters"] > 0)
+    table = completed.stdout
+    for row in ("parity, max abs difference", "encode, texts/s", "train, steps/s", "lora, loss"):
+        assert row in table

@@ -90,6 +90,31 @@ def test_loss_contract_catches_a_loss_without_gradient_to_the_positives():
         LossContract().test_compute_returns_a_finite_scalar_with_gradients(IgnoresPositives(), 0)
 
 
+class LabelsOnTheCpu(embplex.Loss):
+    """Broken on purpose: its labels are made on the CPU, whatever the embeddings' device
+    (on a GPU, cross-entropy then fails)."""
+
+    def compute(self, embeddings, batch):
+        scores = embeddings["anchors"] @ embeddings["positives"].T
+        return torch.nn.functional.cross_entropy(scores, torch.arange(scores.shape[0]))
+
+
+class WeightsOnTheCpu(embplex.Pooling):
+    """Broken on purpose: position weights made without ``device=``."""
+
+    def forward(self, features):
+        states = features.hidden_states[-1]
+        weights = torch.linspace(0, 1, states.shape[1])[None, :, None]
+        return (states * weights).sum(dim=1)
+
+
+def test_the_contracts_catch_a_tensor_made_on_the_cpu_without_a_gpu():
+    with pytest.raises(CONTRACT_FAILED, match="made a tensor on another device than its inputs"):
+        LossContract().test_tensors_are_made_on_the_inputs_device(LabelsOnTheCpu())
+    with pytest.raises(CONTRACT_FAILED, match="made a tensor on another device than its inputs"):
+        PoolingContract().test_tensors_are_made_on_the_inputs_device(WeightsOnTheCpu())
+
+
 # -- the helpers ---------------------------------------------------------------------------
 
 

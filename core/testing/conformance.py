@@ -226,6 +226,35 @@ class IndexContract:
 # ---------------------------------------------------------------------------
 
 
+def _placement_checked(work: Callable[[], Any], what: str) -> None:
+    """Run ``work`` on inputs placed on PyTorch's ``meta`` device, which holds no data: a
+    tensor the component creates without ``device=`` lands on the CPU, and mixing it with
+    the inputs fails here just as it fails (or silently copies) on a GPU. That lets a
+    CPU-only test suite check what every plugin must do for CUDA."""
+    try:
+        work()
+    except NotImplementedError as error:
+        pytest.skip(f"{what}: an operation it uses has no meta-device kernel ({error}); check its placement on a GPU")
+    except RuntimeError as error:
+        text = str(error)
+        if "device" in text and ("expected device" in text or "same device" in text):
+            pytest.fail(
+                f"{what} made a tensor on another device than its inputs ({text}). Create tensors "
+                "with device=<input>.device and dtype=<input>.dtype (docs/writing-plugins.md)."
+            )
+        if "meta" in text:
+            pytest.skip(f"{what}: it reads tensor values ({text}), which the meta device does not hold")
+        raise
+
+
+def _on_meta(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().to("meta")
+    if isinstance(value, dict):
+        return {key: _on_meta(item) for key, item in value.items()}
+    return value
+
+
 def _per_text(pooling: Pooling, features: Features) -> list[Tensor]:
     """Each text's output: its vector, or its set of vectors for a multi-vector pooling."""
     out = pooling(features)
@@ -299,6 +328,13 @@ class PoolingContract:
                     rows[row], alone[row], atol=1e-5, rtol=1e-5,
                     msg=lambda m: f"text {row} (padding {side}, padding value {value}) differs from the text alone: {m}",
                 )
+
+    def test_tensors_are_made_on_the_inputs_device(self, pooling):
+        import copy
+
+        placed = copy.deepcopy(pooling).to("meta").eval()
+        features = self.features(lengths=(5, 2, 4), layers=2, prompt_tokens=1).to("meta")
+        _placement_checked(lambda: placed(features), f"pooling {type(pooling).__name__}")
 
     @pytest.mark.parametrize("side", ["right", "left"])
     def test_no_gradient_reaches_padding(self, pooling, side):
@@ -394,6 +430,24 @@ class LossContract:
             assert leaf.grad is not None, f"no gradient reaches the {role}"
             assert torch.isfinite(leaf.grad).all(), f"non-finite gradient on the {role}"
         assert all(leaf.grad.abs().sum() > 0 for leaf in leaves[:2]), "anchors and positives get gradient"
+
+    def test_tensors_are_made_on_the_inputs_device(self, loss):
+        import copy
+
+        negatives = max(self.negatives_per_anchor)
+        embeddings, _, batch = self.batch(negatives)
+        if not self.needs_scores:
+            batch.scores = None
+        placed = copy.deepcopy(loss).to("meta")
+        batch = TrainingBatch(
+            examples=batch.examples,
+            anchors=batch.anchors.to("meta"),
+            positives=batch.positives.to("meta"),
+            negatives=None if batch.negatives is None else batch.negatives.to("meta"),
+            negatives_per_anchor=batch.negatives_per_anchor,
+            scores=None if batch.scores is None else batch.scores.to("meta"),
+        )
+        _placement_checked(lambda: placed.compute(_on_meta(embeddings), batch), f"loss {type(loss).__name__}")
 
     def test_forward_trains_a_model(self, loss, tiny_model):
         from ..testing import make_training_batch, tiny_examples
