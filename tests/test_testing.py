@@ -60,9 +60,9 @@ class AcceptsAnything(ExactIndex):
     def _as_matrix(self, vectors, what):
         return torch.from_numpy(np.nan_to_num(np.asarray(vectors, dtype=np.float32)))
 
-    def add(self, ids, vectors):
-        self._row_of.clear()
-        super().add(ids, vectors)
+    def add(self, ids, vectors, metadata=None):
+        self._items.row_of.clear()
+        super().add(ids, vectors, metadata)
 
 
 @pytest.mark.parametrize(
