@@ -32,6 +32,8 @@ __all__ = [
     "check_metadata",
     "empty_result",
     "preview",
+    "result",
+    "top_k",
 ]
 
 #: what a metadata field may be called: a name every backend (Milvus included) accepts
@@ -108,6 +110,40 @@ def check_k(k: Any) -> int:
 def empty_result(queries: int) -> SearchResult:
     """``queries`` empty hit lists (an empty index, or a filter nothing matches)."""
     return SearchResult(ids=[[] for _ in range(queries)], scores=np.zeros((queries, 0), dtype=np.float32))
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best columns of each row of ``scores`` ``[q, n]``, best first (ties in
+    column order): ``(scores [q, k'], columns [q, k'])`` with ``k' = min(k, n)``. ``-inf``
+    marks a column that must not be returned; rows keep only finite hits."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return np.zeros((scores.shape[0], 0), dtype=np.float32), np.zeros((scores.shape[0], 0), dtype=np.int64)
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    chosen = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -chosen), axis=1)
+    columns = np.take_along_axis(part, order, axis=1)
+    return np.take_along_axis(scores, columns, axis=1).astype(np.float32), columns.astype(np.int64)
+
+
+def result(ids: Sequence[str], rows: np.ndarray, scores: np.ndarray) -> SearchResult:
+    """A :class:`SearchResult` from row numbers ``[q, k]`` into ``ids``; a hit whose row is
+    negative or whose score is ``-inf`` (nothing there) ends its query's list."""
+    hits, kept = [], []
+    for row_numbers, row_scores in zip(rows.tolist(), scores):
+        valid = [r >= 0 and np.isfinite(s) and s > -1e30 for r, s in zip(row_numbers, row_scores)]
+        count = valid.index(False) if False in valid else len(valid)
+        hits.append([ids[r] for r in row_numbers[:count]])
+        kept.append(count)
+    # every query answers the same number of hits (scores is one array): an approximate
+    # index that found fewer for one query (a filter its graph could not satisfy) cuts the
+    # others to match; the plugins search such queries again exhaustively first
+    width = min(kept, default=0)
+    hits = [row[:width] for row in hits]
+    return SearchResult(ids=hits, scores=np.ascontiguousarray(scores[:, :width], dtype=np.float32))
 
 
 def check_metadata(metadata: Any, count: int) -> list[dict[str, Any]] | None:
