@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .components import SearchResult
-from .errors import DimensionError, InputError
+from .errors import DimensionError, InputError, ModelFileError
 
 __all__ = [
     "ItemTable",
@@ -31,8 +32,10 @@ __all__ = [
     "check_k",
     "check_metadata",
     "empty_result",
+    "load_arrays",
     "preview",
     "result",
+    "save_arrays",
     "top_k",
 ]
 
@@ -59,8 +62,9 @@ def check_ids(ids: Any) -> list[str]:
     return ids
 
 
-def as_matrix(vectors: Any, dim: int, what: str, index: str) -> np.ndarray:
-    """``vectors`` as a C-contiguous float32 ``[n, dim]`` array.
+def as_matrix(vectors: Any, dim: int, what: str, index: str, normalize: bool = False) -> np.ndarray:
+    """``vectors`` as a C-contiguous float32 ``[n, dim]`` array, each row scaled to unit
+    length when ``normalize`` (an all-zero row stays zero).
 
     Takes numpy arrays, torch tensors of any float dtype and lists of rows; ``what`` is
     ``"vectors"`` or ``"queries"`` (a single ``[dim]`` query becomes one row). A width other
@@ -97,7 +101,10 @@ def as_matrix(vectors: Any, dim: int, what: str, index: str) -> np.ndarray:
         )
     if not np.isfinite(array).all():
         raise InputError(f"{what} contain NaN or infinite values; check the model's output.")
-    return np.ascontiguousarray(array)
+    if normalize:
+        norms = np.linalg.norm(array, axis=1, keepdims=True)
+        array = array / np.where(norms == 0, 1, norms)
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def check_k(k: Any) -> int:
@@ -298,3 +305,48 @@ class ItemTable:
         metadata = check_metadata(metadata, len(ids)) or []
         table.append(ids, metadata)
         return table
+
+
+def save_arrays(root: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write each array as ``<name>.npy`` in ``root`` (the staging folder of
+    :func:`embplex.storage.saving_index`), without pickle."""
+    for name, array in arrays.items():
+        np.save(Path(root) / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+
+
+def load_arrays(root: str | Path, specs: Mapping[str, tuple[Any, tuple[int | None, ...]]]) -> dict[str, np.ndarray]:
+    """Read the arrays :func:`save_arrays` wrote, each checked against ``(dtype, shape)``
+    (``None`` in a shape: any size); a missing, unreadable or mis-shaped one is a
+    :class:`~embplex.errors.ModelFileError` naming the file."""
+    arrays = {}
+    for name, (dtype, shape) in specs.items():
+        path = Path(root) / f"{name}.npy"
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ModelFileError(f"{path} is missing or corrupt ({exc}); save the index again.") from exc
+        wrong_shape = array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape))
+        if array.dtype != np.dtype(dtype) or wrong_shape:
+            raise ModelFileError(
+                f"{path} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} of shape "
+                f"{tuple('any' if s is None else s for s in shape)}; save the index again."
+            )
+        arrays[name] = array
+    return arrays
+
+
+def read_description(root: str | Path, name: str, formats: Sequence[int]) -> dict[str, Any]:
+    """The ``index.json`` of a saved ``name`` index, refused (:class:`ModelFileError`)
+    when it describes another plugin's index or a format this version cannot read."""
+    from .storage import read_json
+
+    path = Path(root) / "index.json"
+    meta = read_json(path, "index description")
+    if not isinstance(meta, dict) or meta.get("index") != name:
+        raise ModelFileError(f"{path} does not describe a '{name}' index; save the index again.")
+    if meta.get("format") not in formats:
+        raise ModelFileError(
+            f"{path} has index format {meta.get('format')!r}; this version of '{name}' reads format "
+            f"{', '.join(map(str, formats))}. Build the index again with this version."
+        )
+    return meta

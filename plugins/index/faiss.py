@@ -235,11 +235,7 @@ class FaissIndex(Index):
         return scores, found
 
     def _prepare(self, vectors: Any, what: str) -> np.ndarray:
-        matrix = as_matrix(vectors, self.dim, what, "faiss")
-        if self.metric == "cosine":
-            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-            matrix = matrix / np.where(norms == 0, 1, norms)
-        return np.ascontiguousarray(matrix, dtype=np.float32)
+        return as_matrix(vectors, self.dim, what, "faiss", normalize=self.metric == "cosine")
 
     # -- persistence ---------------------------------------------------------------------
 
