@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ __all__ = [
     "preview",
     "result",
     "save_arrays",
+    "shortlist_search",
     "top_k",
 ]
 
@@ -134,6 +135,34 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((part, -chosen), axis=1)
     columns = np.take_along_axis(part, order, axis=1)
     return np.take_along_axis(scores, columns, axis=1).astype(np.float32), columns.astype(np.int64)
+
+
+def shortlist_search(
+    queries: np.ndarray,
+    k: int,
+    shortlist: int,
+    approximate: Callable[[np.ndarray], np.ndarray],
+    vectors: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+    block: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search in two steps, ``block`` queries at a time: ``approximate(queries) -> [b, n]``
+    scores every row (codes, a prefix), the best ``shortlist`` rows are kept (only those in
+    ``allowed``), then, given the float ``vectors``, reordered by their exact inner product
+    with the query and cut to ``k``. Returns ``(scores, rows)``, ``[q, k']`` each."""
+    all_scores, all_rows = [], []
+    for start in range(0, queries.shape[0], block):
+        chunk = queries[start : start + block]
+        scores = approximate(chunk)
+        if allowed is not None:
+            scores[:, ~allowed] = -np.inf
+        scores, rows = top_k(scores, shortlist if vectors is not None else k)
+        if vectors is not None:
+            scores, order = top_k(np.einsum("qd,qcd->qc", chunk, vectors[rows]), k)
+            rows = np.take_along_axis(rows, order, axis=1)
+        all_scores.append(scores)
+        all_rows.append(rows)
+    return np.concatenate(all_scores), np.concatenate(all_rows)
 
 
 def result(ids: Sequence[str], rows: np.ndarray, scores: np.ndarray) -> SearchResult:

@@ -18,6 +18,7 @@ INDEXES = embplex.load_registry().names("index")
 
 class TestEveryInstalledIndex(IndexContract):
     exact = False  # approximate indexes are welcome here; exactness is checked per plugin
+    dim = 96  # wider than the defaults of options bounded by the width (a funnel's prefix: 64)
 
     @pytest.fixture(params=INDEXES)
     def make_index(self, request):

@@ -40,7 +40,7 @@ from embplex.indexing import (
     read_description,
     result,
     save_arrays,
-    top_k,
+    shortlist_search,
 )
 
 FORMAT_VERSION = 1
@@ -188,21 +188,11 @@ class BinaryIndex(Index):
         k = min(k, available)
         if k == 0:
             return empty_result(matrix.shape[0])
-        candidates = min(available, k * self.oversample) if rescore else k
-        all_scores, all_rows = [], []
-        for start in range(0, matrix.shape[0], QUERY_BLOCK):
-            block = matrix[start : start + QUERY_BLOCK]
-            scores = self.code_scores(block)
-            if allowed is not None:
-                scores[:, ~allowed] = -np.inf
-            scores, rows = top_k(scores, candidates)
-            if rescore:
-                exact = np.einsum("qd,qcd->qc", block, self._vectors[rows])
-                scores, order = top_k(exact, k)
-                rows = np.take_along_axis(rows, order, axis=1)
-            all_scores.append(scores)
-            all_rows.append(rows)
-        return result(self._items.ids, np.concatenate(all_rows), np.concatenate(all_scores))
+        scores, rows = shortlist_search(
+            matrix, k, min(available, k * self.oversample), self.code_scores,
+            vectors=self._vectors if rescore else None, allowed=allowed, block=QUERY_BLOCK,
+        )
+        return result(self._items.ids, rows, scores)
 
     def _prepare(self, vectors: Any, what: str) -> np.ndarray:
         return as_matrix(vectors, self.dim, what, "binary", normalize=self.metric == "cosine")
