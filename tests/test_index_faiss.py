@@ -1,5 +1,5 @@
 """Index ``faiss``: recall@10 against ``exact`` for flat, HNSW and IVF-PQ on synthetic
-data with planted neighbours, deletion from every kind, training, persistence, errors."""
+data with planted neighbours, deletion from every structure, training, persistence, errors."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def recall_at_10(index, exact, queries) -> float:
 
 
 SETTINGS = {
-    "flat": ({"kind": "flat"}, 1.0),
-    "hnsw": ({"kind": "hnsw", "hnsw_m": 16, "ef_search": 64}, 0.95),
-    "ivfpq": ({"kind": "ivfpq", "nlist": 16, "pq_m": 32, "pq_bits": 6, "nprobe": 8}, 0.6),
+    "flat": ({"structure": "flat"}, 1.0),
+    "hnsw": ({"structure": "hnsw", "hnsw_m": 16, "ef_search": 64}, 0.95),
+    "ivfpq": ({"structure": "ivfpq", "nlist": 16, "pq_m": 32, "pq_bits": 6, "nprobe": 8}, 0.6),
 }
 
 
@@ -58,11 +58,11 @@ def test_recall_at_10_against_exact(setting):
         assert index.nbytes / len(index) < 0.2 * exact.nbytes / len(exact)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
-def test_deleted_items_are_never_returned(kind):
+@pytest.mark.parametrize("structure", ["flat", "hnsw", "ivfpq"])
+def test_deleted_items_are_never_returned(structure):
     data = clustered(400, 16, seed=2)
     ids = [f"d{i}" for i in range(400)]
-    index = FaissIndex(dim=16, kind=kind, nlist=4, pq_m=4, pq_bits=6, nprobe=4)
+    index = FaissIndex(dim=16, structure=structure, nlist=4, pq_m=4, pq_bits=6, nprobe=4)
     index.add(ids, data)
     assert index.trained
     gone = ids[:50]
@@ -78,7 +78,7 @@ def test_deleted_items_are_never_returned(kind):
 def test_ivfpq_searches_exactly_until_it_can_train_then_trains_once():
     data = clustered(300, 16, seed=3)
     ids = [f"d{i}" for i in range(300)]
-    index = FaissIndex(dim=16, kind="ivfpq", nlist=4, pq_m=4, pq_bits=6, nprobe=4, train_size=200)
+    index = FaissIndex(dim=16, structure="ivfpq", nlist=4, pq_m=4, pq_bits=6, nprobe=4, train_size=200)
     exact = ExactIndex(dim=16)
     index.add(ids[:150], data[:150])
     exact.add(ids[:150], data[:150])
@@ -93,27 +93,27 @@ def test_a_filter_is_answered_even_when_the_probed_lists_hold_no_match():
     data = clustered(600, 16, seed=4, clusters=8)
     ids = [f"d{i}" for i in range(600)]
     metadata = [{"keep": i == 599} for i in range(600)]
-    index = FaissIndex(dim=16, kind="ivfpq", nlist=8, pq_m=4, pq_bits=6, nprobe=1)
+    index = FaissIndex(dim=16, structure="ivfpq", nlist=8, pq_m=4, pq_bits=6, nprobe=1)
     index.add(ids, data, metadata=metadata)
     assert index.search(data[:20], 5, filter={"keep": True}).ids == [["d599"]] * 20
 
 
 def test_rescore_is_refused_by_codes_only():
     data = clustered(300, 16, seed=5)
-    index = FaissIndex(dim=16, kind="ivfpq", nlist=4, pq_m=4, pq_bits=6)
+    index = FaissIndex(dim=16, structure="ivfpq", nlist=4, pq_m=4, pq_bits=6)
     index.add([str(i) for i in range(300)], data)
     with pytest.raises(InputError, match="rescore=false"):
         index.search(data[:1], 3, rescore=True)
 
 
 def test_bad_options_are_refused_up_front():
-    with pytest.raises(OptionError, match="kind"):
-        FaissIndex(dim=8, kind="lsh")
+    with pytest.raises(OptionError, match="structure"):
+        FaissIndex(dim=8, structure="lsh")
     with pytest.raises(OptionError, match="pq_m=16 must divide the dimension 24.*e.g. 12"):
-        FaissIndex(dim=24, kind="ivfpq", pq_m=16)
+        FaissIndex(dim=24, structure="ivfpq", pq_m=16)
     with pytest.raises(OptionError, match="pq_bits"):
         FaissIndex(dim=8, pq_bits=12)
-    FaissIndex(dim=1, kind="ivfpq")  # the core's throw-away option check with dim=1 passes
+    FaissIndex(dim=1, structure="ivfpq")  # the core's throw-away option check with dim=1 passes
 
 
 class TestFaissFollowsTheIndexContract(IndexContract):
@@ -121,4 +121,4 @@ class TestFaissFollowsTheIndexContract(IndexContract):
     def make_index(self, request):
         self.exact = request.param == "flat"
         # ivfpq: enough items to train inside the suite's 20- to 40-item adds
-        return lambda dim: FaissIndex(dim=dim, kind=request.param, nlist=2, pq_m=dim, pq_bits=4, train_size=16)
+        return lambda dim: FaissIndex(dim=dim, structure=request.param, nlist=2, pq_m=dim, pq_bits=4, train_size=16)

@@ -5,12 +5,12 @@ arXiv:1702.08734) and "The Faiss library" (Douze et al., 2024, arXiv:2401.08281)
 structures it exposes are HNSW ("Efficient and robust approximate nearest neighbor search
 using Hierarchical Navigable Small World graphs", Malkov and Yashunin, 2016,
 arXiv:1603.09320) and IVF-PQ (product quantization, Jégou, Douze and Schmid, 2011, TPAMI).
-Three settings behind one option: ``kind: flat`` (exact inner products), ``hnsw`` (a
+Three settings behind one option: ``structure: flat`` (exact inner products), ``hnsw`` (a
 graph, float vectors kept) and ``ivfpq`` (inverted lists of product-quantized codes).
 
 Where ours differs from plain FAISS: items are keyed by string ids (mapped to int64
 labels), carry metadata that filters a search (a FAISS ``IDSelector``), and can be deleted
-from every kind — HNSW cannot remove graph nodes, so a deleted item stays in the graph as
+from every structure — HNSW cannot remove graph nodes, so a deleted item stays in the graph as
 a tombstone that searches skip. An IVF-PQ index needs training data: until it has
 ``train_size`` items it keeps them as float vectors and searches them exactly, then
 trains on all of them at once. ``faiss-cpu`` is imported only when an index is built
@@ -35,7 +35,7 @@ METADATA_FILE = "index.json"
 FAISS_FILE = "faiss.index"
 PENDING_FILE = "pending.npy"
 METRICS = ("cosine", "ip")
-KINDS = ("flat", "hnsw", "ivfpq")
+STRUCTURES = ("flat", "hnsw", "ivfpq")
 
 
 def _faiss(threads: int | None = None) -> Any:
@@ -60,7 +60,7 @@ class FaissIndex(Index):
         self,
         dim: int | None = None,
         metric: str = "cosine",
-        kind: Literal["flat", "hnsw", "ivfpq"] = "hnsw",
+        structure: Literal["flat", "hnsw", "ivfpq"] = "hnsw",
         hnsw_m: int = 32,
         ef_construction: int = 200,
         ef_search: int = 128,
@@ -75,8 +75,8 @@ class FaissIndex(Index):
             raise OptionError(f"index 'faiss' needs dim, the embedding width, as a positive integer (got {dim!r}).")
         if metric not in METRICS:
             raise OptionError(f"index 'faiss' metric must be one of {', '.join(METRICS)}, not {metric!r}.")
-        if kind not in KINDS:
-            raise OptionError(f"index 'faiss' kind must be one of {', '.join(KINDS)}, not {kind!r}.")
+        if structure not in STRUCTURES:
+            raise OptionError(f"index 'faiss' structure must be one of {', '.join(STRUCTURES)}, not {structure!r}.")
         numbers = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search, "nlist": nlist,
                    "pq_m": pq_m, "nprobe": nprobe}
         for name, value in numbers.items():
@@ -84,7 +84,7 @@ class FaissIndex(Index):
                 raise OptionError(f"index 'faiss' {name} must be a positive integer, not {value!r}.")
         if pq_bits not in (4, 5, 6, 7, 8):
             raise OptionError(f"index 'faiss' pq_bits must be between 4 and 8 (bits per PQ code), not {pq_bits!r}.")
-        if kind == "ivfpq" and dim % pq_m and dim != 1:
+        if structure == "ivfpq" and dim % pq_m and dim != 1:
             raise OptionError(
                 f"index 'faiss' pq_m={pq_m} must divide the dimension {dim} (each sub-quantizer codes "
                 f"dim/pq_m values); choose a divisor of {dim}, e.g. {_divisor_near(dim, pq_m)}."
@@ -93,7 +93,7 @@ class FaissIndex(Index):
             raise OptionError(f"index 'faiss' train_size must be a positive integer or null, not {train_size!r}.")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise OptionError(f"index 'faiss' threads must be a positive integer or null, not {threads!r}.")
-        self.dim, self.metric, self.kind = int(dim), metric, kind
+        self.dim, self.metric, self.structure = int(dim), metric, structure
         self.options = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search,
                         "nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "nprobe": nprobe, "train_size": train_size, "threads": threads}
         self._items = ItemTable()
@@ -107,7 +107,7 @@ class FaissIndex(Index):
 
     @property
     def trained(self) -> bool:
-        return self.kind != "ivfpq" or (self._index is not None and self._index.is_trained)
+        return self.structure != "ivfpq" or (self._index is not None and self._index.is_trained)
 
     @property
     def minimum_training(self) -> int:
@@ -117,9 +117,9 @@ class FaissIndex(Index):
 
     def _build(self) -> Any:
         faiss, o = _faiss(), self.options
-        if self.kind == "flat":
+        if self.structure == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        if self.kind == "hnsw":
+        if self.structure == "hnsw":
             graph = faiss.IndexHNSWFlat(self.dim, o["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
             graph.hnsw.efConstruction = o["ef_construction"]
             return faiss.IndexIDMap2(graph)
@@ -138,9 +138,9 @@ class FaissIndex(Index):
         if self._index is None or not self.trained:
             return int(held)
         faiss, total = _faiss(), self._index.ntotal
-        if self.kind == "flat":
+        if self.structure == "flat":
             return int(held + total * (4 * self.dim + 8))
-        if self.kind == "hnsw":
+        if self.structure == "hnsw":
             graph = faiss.downcast_index(self._index.index)
             links = graph.hnsw.neighbors.size() * 4 + graph.hnsw.offsets.size() * 8 + graph.hnsw.levels.size() * 4
             return int(held + total * (4 * self.dim + 8) + links)
@@ -174,7 +174,7 @@ class FaissIndex(Index):
         keep = np.setdiff1d(np.arange(len(self)), doomed)
         if not self.trained:
             self._pending = self._pending[keep]
-        elif self.kind == "hnsw":
+        elif self.structure == "hnsw":
             self._tombstones += len(doomed)  # HNSW graphs cannot drop nodes: skipped at search
         else:
             self._index.remove_ids(_faiss().IDSelectorBatch(self._labels[doomed]))
@@ -197,10 +197,10 @@ class FaissIndex(Index):
         k = check_k(k)
         matrix = self._prepare(queries, "queries")
         allowed = self._items.allowed(check_filter(filter))
-        if rescore and self.kind == "ivfpq" and self.trained:
+        if rescore and self.structure == "ivfpq" and self.trained:
             raise InputError(
-                "index 'faiss' kind ivfpq keeps only product-quantized codes, no float vectors to rescore "
-                "with; search with rescore=false, or use kind flat or hnsw, or the binary index."
+                "index 'faiss' structure ivfpq keeps only product-quantized codes, no float vectors to rescore "
+                "with; search with rescore=false, or use structure flat or hnsw, or the binary index."
             )
         rows = np.arange(len(self)) if allowed is None else np.flatnonzero(allowed)
         k = min(k, len(rows))
@@ -224,10 +224,10 @@ class FaissIndex(Index):
     def _search(self, matrix: np.ndarray, k: int, labels: np.ndarray | None, exhaustive: bool) -> tuple[np.ndarray, np.ndarray]:
         faiss, o = _faiss(self.options["threads"]), self.options
         selector = None if labels is None else faiss.IDSelectorBatch(labels)
-        if self.kind == "hnsw":
+        if self.structure == "hnsw":
             ef = max(o["ef_search"], k) if not exhaustive else max(self._index.ntotal, k)
             params = faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
-        elif self.kind == "ivfpq":
+        elif self.structure == "ivfpq":
             params = faiss.SearchParametersIVF(nprobe=o["nlist"] if exhaustive else o["nprobe"], sel=selector)
         else:
             params = faiss.SearchParameters(sel=selector)
@@ -252,7 +252,7 @@ class FaissIndex(Index):
                 root / METADATA_FILE,
                 {
                     "format": FORMAT_VERSION, "index": "faiss", "dim": self.dim, "metric": self.metric,
-                    "kind": self.kind, "options": self.options, "labels": self._labels.tolist(),
+                    "structure": self.structure, "options": self.options, "labels": self._labels.tolist(),
                     "next_label": self._next_label, "tombstones": self._tombstones, **self._items.to_json(),
                 },
             )
@@ -268,7 +268,7 @@ class FaissIndex(Index):
                 f"{root / METADATA_FILE} is not a format-{FORMAT_VERSION} 'faiss' index description; {redo}"
             )
         try:
-            index = cls(dim=meta["dim"], metric=meta["metric"], kind=meta["kind"], **meta["options"])
+            index = cls(dim=meta["dim"], metric=meta["metric"], structure=meta["structure"], **meta["options"])
             items = ItemTable.from_json(meta)
             labels = np.asarray(meta["labels"], dtype=np.int64)
             pending = np.load(io.BytesIO((root / PENDING_FILE).read_bytes()), allow_pickle=False)
@@ -281,7 +281,7 @@ class FaissIndex(Index):
             except RuntimeError as exc:
                 raise ModelFileError(f"{root / FAISS_FILE} is corrupt ({exc}); {redo}") from exc
         stored = (index._index.ntotal if index._index is not None and index._index.is_trained else 0) + len(pending)
-        expected = len(items) + (meta["tombstones"] if meta["kind"] == "hnsw" else 0)
+        expected = len(items) + (meta["tombstones"] if meta["structure"] == "hnsw" else 0)
         if len(labels) != len(items) or stored != expected or pending.shape[1:] != (index.dim,):
             raise ModelFileError(f"{root}: the faiss index, its pending vectors and its ids do not match; {redo}")
         if manifest["size"] != len(items):
