@@ -121,3 +121,23 @@ class TestBinaryFollowsTheIndexContract(IndexContract):
         # at dim 8, 1-bit codes tie often; oversampling the whole test index keeps the
         # rescored variants exact and lets each stored vector find itself
         return lambda dim: BinaryIndex(dim=dim, bits=bits, rescore=rescore, oversample=50)
+
+
+def test_an_index_of_another_format_version_is_refused(tmp_path):
+    import hashlib
+    import json
+
+    from embplex.errors import ModelFileError
+
+    index = BinaryIndex(dim=8)
+    index.add(["a", "b"], unit(2, 8, 0))
+    index.save(tmp_path / "idx")
+    description = json.loads((tmp_path / "idx" / "index.json").read_text())
+    description["format"] = 99
+    content = json.dumps(description).encode()
+    (tmp_path / "idx" / "index.json").write_bytes(content)
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest["sha256"]["index.json"] = hashlib.sha256(content).hexdigest()  # a consistent, newer save
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match="format 99; this version of 'binary' reads format 1"):
+        BinaryIndex.load(tmp_path / "idx")

@@ -141,3 +141,19 @@ def test_a_server_by_uri_round_trips_and_saves_only_its_address(milvus_server, t
     loaded = MilvusIndex.load(tmp_path / "saved")
     assert len(loaded) == 50
     assert loaded.search(QUERIES, 10, filter={"lang": "fr"}).ids == index.search(QUERIES, 10, filter={"lang": "fr"}).ids
+
+
+def test_a_lite_file_open_in_another_process_is_a_clear_error(tmp_path):
+    uri = str(tmp_path / "held.db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pymilvus import MilvusClient\nMilvusClient(sys.argv[1])\n"
+         "print('open', flush=True)\ntime.sleep(60)", uri],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(OptionError, match="one process at a time"):
+            MilvusIndex(dim=16, uri=uri).add(IDS[:1], VECTORS[:1])
+    finally:
+        holder.kill()
+        holder.wait()

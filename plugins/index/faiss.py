@@ -28,7 +28,7 @@ import numpy as np
 import embplex
 from embplex.components import Index, SearchResult
 from embplex.errors import InputError, ModelFileError, OptionError
-from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, empty_result, result, top_k
+from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, empty_result, read_description, result, top_k
 
 FORMAT_VERSION = 1
 METADATA_FILE = "index.json"
@@ -261,12 +261,8 @@ class FaissIndex(Index):
     def load(cls, path: str | Path) -> "FaissIndex":
         root = Path(path)
         manifest = embplex.storage.verify_index(root, "faiss")
-        meta = embplex.storage.read_json(root / METADATA_FILE, "index metadata")
+        meta = read_description(root, "faiss", (FORMAT_VERSION,))
         redo = "save the index again."
-        if not isinstance(meta, dict) or meta.get("index") != "faiss" or meta.get("format") != FORMAT_VERSION:
-            raise ModelFileError(
-                f"{root / METADATA_FILE} is not a format-{FORMAT_VERSION} 'faiss' index description; {redo}"
-            )
         try:
             index = cls(dim=meta["dim"], metric=meta["metric"], structure=meta["structure"], **meta["options"])
             items = ItemTable.from_json(meta)
