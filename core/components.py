@@ -601,6 +601,14 @@ class Index:
     ``search(queries, k)`` returns a :class:`SearchResult`. ``delete(ids)`` removes items.
     Wrong dimensions raise :class:`~embplex.errors.DimensionError`.
 
+    Optional, for indexes that support them (``docs/concepts.md``, "Index"):
+    ``add(..., metadata=[{field: value}, ...])`` stores one dict of scalars per item;
+    ``search(..., filter={field: value or [values]})`` keeps only the items whose metadata
+    match; ``search(..., rescore=True / False)`` asks an approximate index to rescore its
+    candidates with the stored float vectors, or not (``None``: the index's own setting).
+    :attr:`nbytes` is the memory the index's vectors, codes and graph hold. The checks
+    every index needs are in :mod:`embplex.indexing`.
+
     ``save(path)`` writes the folder ``path`` inside
     ``with embplex.storage.saving_index(path, self, "<name>") as root:``, which makes the
     save atomic and records the plugin name, ``dim``, ``len(self)``, :attr:`built_from`
@@ -616,10 +624,22 @@ class Index:
     #: reused only for the same model and data. ``None`` when unknown.
     built_from: dict[str, Any] | None = None
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray]) -> None:
+    def add(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray | Sequence[np.ndarray],
+        metadata: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
         raise NotImplementedError
 
-    def search(self, queries: np.ndarray | Sequence[np.ndarray], k: int) -> SearchResult:
+    def search(
+        self,
+        queries: np.ndarray | Sequence[np.ndarray],
+        k: int,
+        *,
+        filter: dict[str, Any] | None = None,
+        rescore: bool | None = None,
+    ) -> SearchResult:
         raise NotImplementedError
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -633,4 +653,10 @@ class Index:
         raise NotImplementedError
 
     def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the stored vectors, codes and search structures hold (not
+        the ids and metadata): what an index setting costs per item, ``nbytes / len``."""
         raise NotImplementedError

@@ -60,9 +60,9 @@ class AcceptsAnything(ExactIndex):
     def _as_matrix(self, vectors, what):
         return torch.from_numpy(np.nan_to_num(np.asarray(vectors, dtype=np.float32)))
 
-    def add(self, ids, vectors):
-        self._row_of.clear()
-        super().add(ids, vectors)
+    def add(self, ids, vectors, metadata=None):
+        self._items.row_of.clear()
+        super().add(ids, vectors, metadata)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_isolated_registry_holds_only_what_it_is_given():
 
 
 def test_embplex_registry_fixture_is_the_same_helper(embplex_registry):
-    assert embplex_registry(include=["embplex"]).names("index") == ["exact"]
+    assert embplex_registry(include=["embplex"]).names("index") == ["binary", "exact", "faiss", "matryoshka_funnel", "milvus"]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -18,6 +18,8 @@ classes themselves are not collected (their names do not start with ``Test``).
 
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +59,11 @@ class IndexContract:
     returning ``make(dim) -> Index`` (an empty index).
     Set ``metric`` to the metric it builds (``"cosine"`` or ``"ip"``) and ``exact`` to
     ``False`` for an approximate index, which then skips the brute-force comparison.
+
+    The optional parts of the contract are checked when the index has them: metadata
+    and filters when ``add`` takes ``metadata`` and ``search`` takes ``filter``, rescoring
+    when ``search`` takes ``rescore``, memory when the class defines ``nbytes``. An index
+    written before they existed skips those checks, saying why.
     """
 
     metric: str = "cosine"
@@ -219,6 +226,113 @@ class IndexContract:
         index = make_index(self.dim)
         with pytest.raises(ModelFileError):
             type(index).load(tmp_path / "nothing-here")
+
+
+    # -- k, memory, metadata, filters, rescoring, foreign saves ----------------------------
+
+    @pytest.mark.parametrize("k", [0, -3, 2.5, True])
+    def test_a_k_that_is_not_a_positive_integer_is_refused(self, make_index, k):
+        index, _, vectors = self.filled(make_index)
+        with pytest.raises(InputError):
+            index.search(vectors[:2], k=k)
+        assert len(index) == 20
+
+    def test_nbytes_counts_the_memory_the_items_take(self, make_index):
+        index = make_index(self.dim)
+        if type(index).nbytes is Index.nbytes:
+            pytest.skip("this index does not define nbytes (written before the extended index contract)")
+        empty = index.nbytes
+        index.add([f"n{i}" for i in range(40)], _vectors(40, self.dim, seed=0))
+        assert isinstance(index.nbytes, int) and isinstance(empty, int)
+        assert index.nbytes > empty >= 0, "40 stored items take memory"
+
+    def _with_metadata(self, make_index, rows: int = 20):
+        index = make_index(self.dim)
+        if not _takes(index.add, "metadata") or not _takes(index.search, "filter"):
+            pytest.skip("this index takes no metadata or filter (written before the extended index contract)")
+        ids = [f"doc-{i}" for i in range(rows)]
+        metadata = [{"parity": i % 2, "group": "abc"[i % 3], "flag": i < 5} for i in range(rows)]
+        vectors = _vectors(rows, self.dim, seed=0, unit=True)
+        index.add(ids, vectors, metadata=metadata)
+        return index, ids, vectors, metadata
+
+    def test_a_filter_keeps_only_matching_items(self, make_index, tmp_path: Path):
+        index, ids, vectors, metadata = self._with_metadata(make_index)
+        wanted = lambda m: m["parity"] == 1 and m["group"] in ("a", "b")  # noqa: E731
+        matching = sorted(i for i, m in zip(ids, metadata) if wanted(m))
+        result = index.search(vectors[:3], k=50, filter={"parity": 1, "group": ["a", "b"]})
+        assert [sorted(row) for row in result.ids] == [matching] * 3, "every matching item, and only those"
+        assert result.scores.shape == (3, len(matching))
+        top = index.search(vectors[:3], k=2, filter={"flag": True})
+        assert all(set(row) <= set(ids[:5]) and len(row) == 2 for row in top.ids)
+        none = index.search(vectors[:2], k=3, filter={"group": "z"})
+        assert none.ids == [[], []] and none.scores.shape == (2, 0)
+        # metadata survive a save and a delete
+        index.delete([matching[0]])
+        index.save(tmp_path / "index")
+        loaded = type(index).load(tmp_path / "index")
+        again = loaded.search(vectors[:3], k=50, filter={"parity": 1, "group": ["a", "b"]})
+        assert [sorted(row) for row in again.ids] == [matching[1:]] * 3
+
+    def test_bad_metadata_or_filters_are_refused_and_change_nothing(self, make_index):
+        index, ids, vectors, _ = self._with_metadata(make_index)
+        new = _vectors(2, self.dim, seed=7)
+        for metadata in ([{"a": 1}], [{"a": {"nested": 1}}, {}], [{"bad name": 1}, {}], [{"a": float("nan")}, {}]):
+            with pytest.raises(InputError):
+                index.add(["x", "y"], new, metadata=metadata)
+            assert len(index) == 20
+        assert all("x" not in row for row in index.search(new, k=20).ids)
+        for bad in ({}, {"parity": {"gt": 1}}, {"parity": []}, "parity == 1"):
+            with pytest.raises(InputError):
+                index.search(vectors[:1], k=3, filter=bad)
+
+    def test_rescoring_gives_the_float_scores_or_is_refused(self, make_index):
+        index, ids, vectors = self.filled(make_index, rows=30, unit=True)
+        if not _takes(index.search, "rescore"):
+            pytest.skip("this index takes no rescore option (written before the extended index contract)")
+        queries = _vectors(4, self.dim, seed=8)
+        plain = index.search(queries, k=5, rescore=False)
+        assert plain.scores.shape == (4, 5)
+        try:
+            result = index.search(queries, k=5, rescore=True)
+        except InputError:
+            return  # an index without the float vectors says so
+        stored = {item: vector for item, vector in zip(ids, vectors.astype(np.float64))}
+        asked = queries.astype(np.float64)
+        if self.metric == "cosine":
+            asked = asked / np.linalg.norm(asked, axis=1, keepdims=True)
+        expected = np.array([[asked[q] @ stored[item] for item in row] for q, row in enumerate(result.ids)])
+        np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-4)
+        assert (np.diff(result.scores, axis=1) <= 1e-6).all(), "rescored hits come best first"
+
+    def test_a_truncated_file_is_detected_on_load(self, make_index, tmp_path: Path):
+        index, _, _ = self.filled(make_index)
+        index.save(tmp_path / "index")
+        files = [p for p in sorted((tmp_path / "index").rglob("*")) if p.is_file() and p.name != "manifest.json"]
+        for file in files:
+            original = file.read_bytes()
+            file.write_bytes(original[: len(original) // 2])
+            try:
+                with pytest.raises(ModelFileError):
+                    type(index).load(tmp_path / "index")
+            finally:
+                file.write_bytes(original)
+
+    def test_an_index_saved_by_another_plugin_is_refused(self, make_index, tmp_path: Path):
+        index, _, _ = self.filled(make_index)
+        index.save(tmp_path / "index")
+        manifest_path = tmp_path / "index" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["index"] = "some_other_plugin"
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(ModelFileError, match="some_other_plugin"):
+            type(index).load(tmp_path / "index")
+
+
+def _takes(method: Callable[..., Any], parameter: str) -> bool:
+    """Whether ``method`` accepts the keyword ``parameter`` (or ``**kwargs``)."""
+    parameters = inspect.signature(method).parameters.values()
+    return any(p.name == parameter or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ FAISS's ``IndexFlat`` it keys items by string ids and supports deleting them.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,9 +18,12 @@ import torch
 
 import embplex
 from embplex.components import Index, SearchResult
-from embplex.errors import DimensionError, InputError, ModelFileError, OptionError
+from embplex.errors import InputError, ModelFileError, OptionError
+from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, empty_result
 
-FORMAT_VERSION = 1
+# format 2 adds the items' metadata to index.json; format 1 (no metadata) still loads
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 METADATA_FILE = "index.json"
 VECTORS_FILE = "vectors.safetensors"
 METRICS = ("cosine", "ip")
@@ -49,89 +51,82 @@ class ExactIndex(Index):
         self.dim = int(dim)
         self.metric = metric
         self.chunk_size = chunk_size
-        self._ids: list[str] = []
-        self._row_of: dict[str, int] = {}
+        self._items = ItemTable()
         self._vectors = torch.empty(0, self.dim, dtype=torch.float32)
 
     # -- contents ----------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """The float32 vectors: ``4 * dim`` bytes per item."""
+        return int(self._vectors.numel() * self._vectors.element_size())
 
     @property
     def ids(self) -> list[str]:
         """Stored ids, in insertion order."""
-        return list(self._ids)
+        return list(self._items.ids)
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._row_of
+        return item_id in self._items
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray]) -> None:
-        ids = _check_ids(ids)
+    def add(self, ids: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray], metadata: Any = None) -> None:
         matrix = self._as_matrix(vectors, "vectors")
-        if matrix.shape[0] != len(ids):
-            raise InputError(f"got {len(ids)} ids but {matrix.shape[0]} vectors; pass one id per vector.")
-        repeated = sorted(item_id for item_id, count in Counter(ids).items() if count > 1)
-        if repeated:
-            raise InputError(f"ids {_preview(repeated)} appear more than once in this add; ids must be unique.")
-        stored = [i for i in ids if i in self._row_of]
-        if stored:
-            raise InputError(
-                f"ids {_preview(stored)} are already in the index; delete them first to replace their vectors."
-            )
+        ids, metadata = self._items.check_new(ids, matrix.shape[0], metadata)
         if self.metric == "cosine":
             matrix = torch.nn.functional.normalize(matrix, dim=-1)
-        start = len(self._ids)
         self._vectors = torch.cat([self._vectors, matrix])
-        self._ids.extend(ids)
-        self._row_of.update({item_id: start + offset for offset, item_id in enumerate(ids)})
+        self._items.append(ids, metadata)
 
     def delete(self, ids: Sequence[str]) -> None:
-        ids = _check_ids(ids)
-        unknown = [i for i in ids if i not in self._row_of]
-        if unknown:
-            raise InputError(
-                f"cannot delete ids {_preview(unknown)}: they are not in the index "
-                f"({len(self)} items); nothing was deleted."
-            )
-        doomed = {self._row_of[i] for i in ids}
-        keep = [row for row in range(len(self._ids)) if row not in doomed]
-        self._vectors = self._vectors[keep]
-        self._ids = [self._ids[row] for row in keep]
-        self._row_of = {item_id: row for row, item_id in enumerate(self._ids)}
+        doomed = self._items.rows_of(ids)
+        keep = np.setdiff1d(np.arange(len(self)), doomed)
+        self._vectors = self._vectors[torch.from_numpy(keep)]
+        self._items.keep_rows(keep)
 
     # -- search ------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray | Sequence[np.ndarray], k: int) -> SearchResult:
+    def search(
+        self,
+        queries: np.ndarray | Sequence[np.ndarray],
+        k: int,
+        *,
+        filter: dict[str, Any] | None = None,
+        rescore: bool | None = None,
+    ) -> SearchResult:
         """The ``k`` best stored items per query, best first.
 
         ``queries`` is ``[q, dim]`` or a single ``[dim]`` vector (answered as one row).
         ``k`` larger than the index is capped at its size; an empty index gives empty rows.
+        ``filter`` keeps the items whose metadata match; ``rescore`` changes nothing (the
+        scores are already those of the float vectors).
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"k must be a positive integer, not {k!r}.")
+        k = check_k(k)
         matrix = self._as_matrix(queries, "queries")
+        allowed = self._items.allowed(check_filter(filter))
         if self.metric == "cosine":
             matrix = torch.nn.functional.normalize(matrix, dim=-1)
-        k = min(int(k), len(self))
+        rows_searched = None if allowed is None else np.flatnonzero(allowed)
+        stored = self._vectors if rows_searched is None else self._vectors[torch.from_numpy(rows_searched)]
+        k = min(k, stored.shape[0])
         if k == 0:
-            empty = np.zeros((matrix.shape[0], 0), dtype=np.float32)
-            return SearchResult(ids=[[] for _ in range(matrix.shape[0])], scores=empty)
-        scores, rows = self._top_k(matrix, k)
-        return SearchResult(
-            ids=[[self._ids[row] for row in hit_rows] for hit_rows in rows.tolist()],
-            scores=scores.numpy(),
-        )
+            return empty_result(matrix.shape[0])
+        scores, rows = self._top_k(matrix, stored, k)
+        rows = rows.numpy() if rows_searched is None else rows_searched[rows.numpy()]
+        ids = self._items.ids
+        return SearchResult(ids=[[ids[row] for row in hit_rows] for hit_rows in rows.tolist()], scores=scores.numpy())
 
-    def _top_k(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _top_k(self, queries: torch.Tensor, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         best_scores, best_rows = [], []
         with torch.inference_mode():
             for q_start in range(0, queries.shape[0], self.chunk_size):
                 block = queries[q_start : q_start + self.chunk_size]
                 scores = torch.full((block.shape[0], 0), float("-inf"))
                 rows = torch.empty((block.shape[0], 0), dtype=torch.long)
-                for s_start in range(0, len(self), self.chunk_size):
-                    stored = self._vectors[s_start : s_start + self.chunk_size]
+                for s_start in range(0, vectors.shape[0], self.chunk_size):
+                    stored = vectors[s_start : s_start + self.chunk_size]
                     chunk_scores, chunk_rows = torch.topk(block @ stored.T, min(k, stored.shape[0]), dim=1)
                     # Merge with the best so far: the overall top k is inside the union.
                     scores = torch.cat([scores, chunk_scores], dim=1)
@@ -143,34 +138,7 @@ class ExactIndex(Index):
         return torch.cat(best_scores), torch.cat(best_rows)
 
     def _as_matrix(self, vectors: Any, what: str) -> torch.Tensor:
-        if isinstance(vectors, torch.Tensor):
-            vectors = vectors.detach().float().cpu().numpy()
-        elif isinstance(vectors, (list, tuple)):
-            vectors = [v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in vectors]
-        try:
-            array = np.asarray(vectors, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise InputError(
-                f"{what} must be a numeric array of shape [n, {self.dim}] ({exc}); "
-                "index 'exact' stores one vector per item."
-            ) from exc
-        if array.ndim == 1 and what == "queries":
-            array = array[None, :]
-        if array.ndim >= 1 and array.shape[0] == 0:
-            array = np.zeros((0, self.dim), dtype=np.float32)
-        if array.ndim != 2:
-            raise DimensionError(
-                f"{what} must be a 2-D array [n, {self.dim}], got shape {tuple(array.shape)}; "
-                "index 'exact' stores one vector per item."
-            )
-        if array.shape[1] != self.dim:
-            raise DimensionError(
-                f"{what} have dimension {array.shape[1]} but the index was built for dimension "
-                f"{self.dim}; embed with the model the index was built for."
-            )
-        if not np.isfinite(array).all():
-            raise InputError(f"{what} contain NaN or infinite values; check the model's output.")
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(as_matrix(vectors, self.dim, what, "exact"))
 
     # -- persistence -------------------------------------------------------------------
 
@@ -190,7 +158,7 @@ class ExactIndex(Index):
                     "metric": self.metric,
                     "dim": self.dim,
                     "chunk_size": self.chunk_size,
-                    "ids": self._ids,
+                    **self._items.to_json(),
                 },
             )
 
@@ -202,15 +170,17 @@ class ExactIndex(Index):
         redo = "save the index again."
         if not isinstance(meta, dict) or meta.get("index") != "exact":
             raise ModelFileError(f"{root / METADATA_FILE} does not describe an 'exact' index; {redo}")
-        if meta.get("format") != FORMAT_VERSION:
+        if meta.get("format") not in READABLE_FORMATS:
             raise ModelFileError(
-                f"{root} has index format {meta.get('format')!r}, this embplex reads format {FORMAT_VERSION}; {redo}"
+                f"{root} has index format {meta.get('format')!r}, this embplex reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}; {redo}"
             )
         try:
             index = cls(dim=meta["dim"], metric=meta["metric"], chunk_size=meta.get("chunk_size", 4096))
-            ids = _check_ids(meta["ids"])
+            items = ItemTable.from_json(meta)
         except (KeyError, OptionError, InputError) as exc:
             raise ModelFileError(f"{root / METADATA_FILE} is corrupt ({exc}); {redo}") from exc
+        ids = items.ids
         vectors = embplex.storage.load_safetensors(root / VECTORS_FILE).get("vectors")
         if vectors is None or tuple(vectors.shape) != (len(ids), index.dim) or vectors.dtype != torch.float32:
             shape = None if vectors is None else tuple(vectors.shape)
@@ -218,8 +188,6 @@ class ExactIndex(Index):
                 f"{root / VECTORS_FILE} does not match {METADATA_FILE} (vectors of shape {shape}, "
                 f"expected ({len(ids)}, {index.dim}) float32); {redo}"
             )
-        if len(set(ids)) != len(ids):
-            raise ModelFileError(f"{root / METADATA_FILE} lists an id twice; {redo}")
         if (manifest["dim"], manifest["size"]) != (index.dim, len(ids)):
             raise ModelFileError(
                 f"{root / METADATA_FILE} describes {len(ids)} vectors of dimension {index.dim}, its manifest "
@@ -227,24 +195,8 @@ class ExactIndex(Index):
             )
         index.built_from = manifest["built_from"]
         index._vectors = vectors
-        index._ids = ids
-        index._row_of = {item_id: row for row, item_id in enumerate(ids)}
+        index._items = items
         return index
-
-
-def _check_ids(ids: Any) -> list[str]:
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise InputError(f"ids must be a list of strings, not {type(ids).__name__}.")
-    ids = list(ids)
-    wrong = [i for i in ids if not isinstance(i, str)]
-    if wrong:
-        raise InputError(f"ids must be strings; got {type(wrong[0]).__name__} {wrong[0]!r}. Convert them with str().")
-    return ids
-
-
-def _preview(ids: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 @embplex.hookimpl

@@ -1,0 +1,208 @@
+"""Index settings side by side: quality, speed, build time and memory per vector.
+
+Two parts, each over the settings of ``SETTINGS`` (every index plugin, several options):
+
+* **SciFact** (5,183 documents, 300 test queries, all-MiniLM-L6-v2 embeddings computed
+  once): nDCG@10 of each setting, recall@10 against ``exact``, queries per second (all
+  queries in one ``search`` call), build time (``add`` of the whole corpus) and bytes per
+  vector (``index.nbytes / len(index)``).
+* **Synthetic scale** (default 1,000,000 × 384): random unit vectors with planted
+  neighbours — each of the 1,000 queries has 10 stored vectors near it (noise growing
+  from 0.15 to 0.6), the rest are uniform on the sphere — with recall@10 against
+  ``exact``, queries per second, build time and bytes per vector.
+
+Then two Pareto plots (quality against bytes per vector, quality against queries per
+second) next to the JSON result. ``conf/experiment/indexes.yaml`` is the same comparison
+through ``embplex eval -m``, one job per index plugin, for nDCG@10 alone.
+
+    python benchmarks/run.py indexes             # the full run (about 30 minutes on 2 cores)
+    python benchmarks/run.py indexes --smoke     # 10 SciFact queries, 2,000 synthetic vectors: about a minute
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import common
+
+NAME = "indexes"
+
+# (label, index plugin, options, parts it runs in)
+SETTINGS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
+    ("exact", "exact", {}, ("scifact", "synthetic")),
+    ("faiss flat", "faiss", {"structure": "flat"}, ("scifact", "synthetic")),
+    ("faiss hnsw", "faiss", {"structure": "hnsw", "hnsw_m": 32, "ef_construction": 200, "ef_search": 128}, ("scifact", "synthetic")),
+    ("faiss ivfpq", "faiss", {"structure": "ivfpq", "nlist": "sqrt", "pq_m": 48, "pq_bits": 8, "nprobe": 16}, ("scifact", "synthetic")),
+    *[
+        (f"binary {bits}-bit{' rescored' if rescore else ''}", "binary",
+         {"bits": bits, "rescore": rescore, "keep_vectors": rescore, "oversample": 10}, ("scifact", "synthetic"))
+        for bits in (1, 2, 4) for rescore in (False, True)
+    ],
+    ("funnel prefix 64", "matryoshka_funnel", {"prefix": 64, "oversample": 10}, ("scifact", "synthetic")),
+    ("funnel prefix 128", "matryoshka_funnel", {"prefix": 128, "oversample": 10}, ("scifact", "synthetic")),
+    ("milvus lite", "milvus", {}, ("scifact",)),
+]
+
+
+def options_for(options: dict[str, Any], items: int, threads: int, name: str) -> dict[str, Any]:
+    """Options resolved for a corpus size: ``nlist: sqrt`` is about 4·√n IVF lists, and
+    faiss gets the thread count every setting runs with."""
+    resolved = dict(options)
+    if resolved.get("nlist") == "sqrt":
+        resolved["nlist"] = max(16, min(4096, int(4 * np.sqrt(items))))
+    if name == "faiss":
+        resolved["threads"] = threads
+    return resolved
+
+
+def planted(items: int, queries: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors; the first ``10 · queries`` are the planted neighbours of the queries."""
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((items, dim), dtype=np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    asked = rng.standard_normal((queries, dim), dtype=np.float32)
+    asked /= np.linalg.norm(asked, axis=1, keepdims=True)
+    noise = (0.15 + 0.05 * np.arange(10, dtype=np.float32))[None, :, None] / np.sqrt(dim)
+    near = asked[:, None, :] + noise * rng.standard_normal((queries, 10, dim), dtype=np.float32)
+    data[: 10 * queries] = (near / np.linalg.norm(near, axis=2, keepdims=True)).reshape(-1, dim)
+    return data, asked
+
+
+def measure(registry: Any, name: str, options: dict[str, Any], ids: list[str], vectors: np.ndarray,
+            queries: np.ndarray, k: int) -> tuple[list[list[str]], dict[str, Any]]:
+    """Build one index, search every query once; hits and costs."""
+    index = registry.create("index", name, dim=vectors.shape[1], **options)
+    started = time.perf_counter()
+    for start in range(0, len(ids), 100_000):
+        index.add(ids[start : start + 100_000], vectors[start : start + 100_000])
+    build = time.perf_counter() - started
+    started = time.perf_counter()
+    hits = index.search(queries, k).ids
+    seconds = time.perf_counter() - started
+    costs = {
+        "build_seconds": round(build, 3),
+        "queries_per_second": round(len(queries) / seconds, 1),
+        "bytes_per_vector": round(index.nbytes / len(index), 2),
+        "peak_rss_mib": round(common.peak_rss_mib(), 1),
+    }
+    if hasattr(index, "close"):
+        index.close()
+    return hits, costs
+
+
+def overlap(found: list[list[str]], truth: list[list[str]], k: int = 10) -> float:
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(found, truth)]))
+
+
+def scifact_part(registry: Any, smoke: bool, threads: int) -> dict[str, Any]:
+    import embplex
+    from embplex.data import load_beir
+    from embplex.evaluation import ndcg_at_k
+
+    corpus, queries, qrels = load_beir(common.DATA / "retrieval" / "scifact", split="test")
+    judged = [q for q in qrels if qrels[q]]
+    if smoke:  # 10 queries, their judged documents and 50 others
+        judged = judged[:10]
+        keep = {d for q in judged for d in qrels[q]} | set(list(corpus)[:50])
+        corpus = {d: t for d, t in corpus.items() if d in keep}
+    model = embplex.compose({"name": "hf_encoder", "path": common.minilm_path()}, pooling="mean")
+    doc_ids = list(corpus)
+    started = time.perf_counter()
+    doc_vectors = np.asarray(model.encode([corpus[d] for d in doc_ids], batch_size=64, show_progress=False), dtype=np.float32)
+    query_vectors = np.asarray(model.encode([queries[q] for q in judged], batch_size=64, show_progress=False), dtype=np.float32)
+    encode_seconds = time.perf_counter() - started
+    rows, truth = [], None
+    for label, name, options, parts in SETTINGS:
+        if "scifact" not in parts:
+            continue
+        hits, costs = measure(registry, name, options_for(options, len(doc_ids), threads, name), doc_ids,
+                              doc_vectors, query_vectors, 100)
+        truth = hits if truth is None else truth  # exact comes first
+        ndcg = float(np.mean([ndcg_at_k(ranked, qrels[q], 10) for q, ranked in zip(judged, hits)]))
+        rows.append({"setting": label, "index": name, "options": options, "ndcg@10": round(100 * ndcg, 2),
+                     "recall@10_vs_exact": round(overlap(hits, truth), 4), **costs})
+    return {"documents": len(doc_ids), "queries": len(judged), "encode_seconds": round(encode_seconds, 1),
+            "model": common.MODEL_NAME, "settings": rows}
+
+
+def synthetic_part(registry: Any, items: int, queries: int, dim: int, threads: int) -> dict[str, Any]:
+    data, asked = planted(items, queries, dim)
+    ids = [f"v{i}" for i in range(items)]
+    rows, truth = [], None
+    for label, name, options, parts in SETTINGS:
+        if "synthetic" not in parts or (name == "matryoshka_funnel" and options["prefix"] >= dim):
+            continue
+        hits, costs = measure(registry, name, options_for(options, items, threads, name), ids, data, asked, 10)
+        truth = hits if truth is None else truth
+        planted_recall = overlap(hits, [[f"v{10 * q + j}" for j in range(10)] for q in range(queries)])
+        rows.append({"setting": label, "index": name, "options": options, "recall@10_vs_exact": round(overlap(hits, truth), 4),
+                     "recall@10_planted": round(planted_recall, 4), **costs})
+    return {"items": items, "queries": queries, "dim": dim,
+            "data": "random unit vectors; each query has 10 planted neighbours (noise 0.15 to 0.6 / sqrt(dim))",
+            "settings": rows}
+
+
+def pareto_plots(result: dict[str, Any], output: Path) -> list[str]:
+    """Quality against bytes per vector and against queries per second, one point per
+    setting and part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for x_key, x_label, suffix in (("bytes_per_vector", "bytes per vector (log)", "memory"),
+                                   ("queries_per_second", "queries per second (log)", "speed")):
+        figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for axis, (part, y_key, y_label) in zip(axes, (("scifact", "ndcg@10", "SciFact nDCG@10"),
+                                                       ("synthetic", "recall@10_vs_exact", "synthetic recall@10 vs exact"))):
+            for row in result[part]["settings"]:
+                axis.scatter(row[x_key], row[y_key])
+                axis.annotate(row["setting"], (row[x_key], row[y_key]), fontsize=7)
+            axis.set_xscale("log")
+            axis.set(xlabel=x_label, ylabel=y_label, title=part)
+        figure.tight_layout()
+        path = output.with_name(f"{output.stem}-{suffix}.png")
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(str(path))
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parse = common.parser(__doc__.splitlines()[0], NAME)
+    parse.add_argument("--items", type=int, default=1_000_000, help="synthetic vectors (smoke: 2,000)")
+    parse.add_argument("--queries", type=int, default=1_000, help="synthetic queries (smoke: 20)")
+    parse.add_argument("--dim", type=int, default=384, help="synthetic width")
+    parse.add_argument("--threads", type=int, default=1, help="threads for torch and faiss: one, so settings compare fairly")
+    args = parse.parse_args(argv)
+    if args.smoke:
+        args.items, args.queries = 2_000, 20
+    import torch
+
+    import embplex
+
+    torch.set_num_threads(args.threads)
+    registry = embplex.load_registry()
+    result = {
+        "benchmark": NAME,
+        "command": "python benchmarks/run.py indexes --json" + (" --smoke" if args.smoke else ""),
+        "smoke": args.smoke,
+        "finished": None,
+        "machine": common.machine_info(),
+        "settings": {"threads": args.threads, "search": "all queries in one search call, k=100 (SciFact), 10 (synthetic)"},
+        "scifact": scifact_part(registry, args.smoke, args.threads),
+        "synthetic": synthetic_part(registry, args.items, args.queries, args.dim, args.threads),
+    }
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["plots"] = pareto_plots(result, common.output_path(args, NAME))
+    return common.finish(result, args, NAME)
+
+
+if __name__ == "__main__":
+    main()
