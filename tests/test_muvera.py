@@ -194,7 +194,10 @@ def test_on_real_minilm_token_vectors_too(minilm_path, data_dir):
 # -- Chamfer re-ranking and recall ------------------------------------------------------------
 
 
-def test_scores_are_chamfer_similarities_computed_by_hand():
+@pytest.mark.parametrize("budget", [None, 40], ids=["one-block", "many-blocks"])
+def test_scores_are_chamfer_similarities_computed_by_hand(budget, monkeypatch):
+    if budget:  # scores held at once: items are scored in many blocks
+        monkeypatch.setattr("embplex.plugins.index.muvera.SCORE_BUDGET", budget)
     documents, _ = topic_sets(30, 8, seed=6)
     queries, _ = topic_sets(4, 8, seed=7, lengths=(2, 6))
     index = muvera(8, candidates=None)

@@ -235,24 +235,26 @@ class MuveraIndex(Index):
 
     def chamfer(self, query: Tensor, rows: Tensor) -> Tensor:
         """Exact Chamfer scores ``sum_i max_j <query_i, item_j>`` of one query set against
-        the stored items ``rows``, in blocks that keep at most ``SCORE_BUDGET`` scores."""
+        the stored items ``rows``, in blocks that keep about ``SCORE_BUDGET`` scores."""
         lengths = self._offsets[rows + 1] - self._offsets[rows]
-        out, start = [], 0
+        ends = lengths.cumsum(0)
+        # block boundaries: a new block whenever the tokens so far pass another budget's worth
+        per_block = max(1, SCORE_BUDGET // max(len(query), 1))
+        marks = torch.arange(per_block, max(int(ends[-1]), per_block), per_block)
+        cuts = torch.unique(torch.searchsorted(ends, marks, right=True)).tolist()
+        bounds = [0, *[c for c in cuts if 0 < c < len(rows)], len(rows)]
+        out = []
         with torch.inference_mode():
-            while start < len(rows):
-                stop, tokens = start, 0
-                while stop < len(rows) and (stop == start or (tokens + int(lengths[stop])) * len(query) <= SCORE_BUDGET):
-                    tokens += int(lengths[stop])
-                    stop += 1
-                block = rows[start:stop]
-                positions = torch.cat([torch.arange(self._offsets[r], self._offsets[r + 1]) for r in block.tolist()])
-                owner = torch.repeat_interleave(torch.arange(len(block)), lengths[start:stop])
+            for start, stop in zip(bounds, bounds[1:]):
+                block, sizes = rows[start:stop], lengths[start:stop]
+                owner = torch.repeat_interleave(torch.arange(len(block)), sizes)
+                first = sizes.cumsum(0) - sizes  # where each item's tokens start within the block
+                positions = self._offsets[block][owner] + torch.arange(len(owner)) - first[owner]
                 similarity = query @ self._vectors[positions].T  # [query vectors, tokens]
                 best = torch.full((len(query), len(block)), float("-inf")).scatter_reduce_(
                     1, owner.expand(len(query), -1), similarity, "amax"
                 )
                 out.append(best.sum(dim=0))
-                start = stop
         return torch.cat(out)
 
     # -- input checks ------------------------------------------------------------------
