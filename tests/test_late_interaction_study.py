@@ -49,3 +49,37 @@ def test_smoke_run_reports_quality_size_and_speed_of_every_arm(study, tmp_path, 
         "multi_vector_finetuned_vs_single_vector", "muvera_vs_exact_chamfer_finetuned",
     }
     assert (tmp_path / "run" / "model" / "embplex.json").exists(), "the fine-tuned model is saved in the run folder"
+
+
+def _tiny_beir(root: Path) -> Path:
+    beir = root / "retrieval" / "scifact"
+    (beir / "qrels").mkdir(parents=True)
+    topics = ["vitamin d and infection", "guitar lessons", "solar panels", "coffee and sleep", "river floods", "chess openings"]
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"a document about {t}."}) + "\n" for i, t in enumerate(topics))
+    )
+    (beir / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": f"what about {t}?"}) + "\n" for i, t in enumerate(topics))
+    )
+    header = "query-id\tcorpus-id\tscore\n"
+    (beir / "qrels" / "test.tsv").write_text(header + "".join(f"q{i}\td{i}\t1\n" for i in range(6)))
+    return root
+
+
+def test_the_commands_evaluate_and_index_a_multi_vector_model_through_muvera(capsys, tmp_path, tiny_bert_path):
+    """`embplex eval` and `embplex index` with pooling=multi_vector index=muvera: the
+    evaluation takes sets of vectors, and the saved index is reused (through the core's
+    checked loader) by the next `embplex index`."""
+    from embplex.cli import main
+
+    common = [
+        "pooling=multi_vector", "index=muvera", "pooling.dim=16", f"backbone.path={tiny_bert_path}",
+        f"data.root={_tiny_beir(tmp_path / 'data')}", "eval.bootstrap=20", f"output_dir={tmp_path / 'run'}",
+    ]
+    assert main(["eval", *common]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    assert results["index"] == "MuveraIndex" and results["queries"] == 6 and 0 <= results["ndcg@10"] <= 100
+    assert main(["index", *common, "search.query=guitar lessons"]) == 0
+    assert main(["index", *common, "search.query=guitar lessons"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the saved index" in out and "d1" in out
