@@ -1,7 +1,8 @@
 """The late-interaction study: ``python benchmarks/run.py late_interaction [--smoke] [overrides...]``.
 
 Runs the recipe ``conf/experiment/late_interaction.yaml`` (any Hydra override after the
-options applies to every arm) and compares, on SciFact test:
+options applies to every arm, except ``pooling.*`` and ``index.*`` ones, which do not apply
+to the single-vector arm) and compares, on SciFact test:
 
 * ``single_vector``: the recipe's backbone with ``pooling=mean`` in ``index=exact``;
 * ``multi_vector_untrained``: the recipe's ``multi_vector`` model as composed;
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke and not any(o.startswith("output_dir=") for o in args.overrides):
         overrides.append(f"output_dir={tempfile.mkdtemp(prefix='late-interaction-smoke-')}")
     cfg = compose_config(overrides, registry=registry)
-    single_cfg = compose_config([*overrides, "pooling=mean", "index=exact"], registry=registry)
+    # the single-vector arm: the same run with mean pooling and an exact index; options of the
+    # multi-vector pooling and of muvera given on the command line do not apply to it
+    shared = [o for o in overrides if not o.lstrip("+~").startswith(("pooling.", "index."))]
+    single_cfg = compose_config([*shared, "pooling=mean", "index=exact"], registry=registry)
     corpus, queries, qrels = _data(cfg, args.smoke)
     bootstrap = cfg["eval"]["bootstrap"]
     started = time.perf_counter()

@@ -27,11 +27,15 @@ def study():
 def test_smoke_run_reports_quality_size_and_speed_of_every_arm(study, tmp_path, tiny_bert_path, data_dir, monkeypatch):
     monkeypatch.setenv("EMBPLEX_DATA", str(data_dir))
     output = tmp_path / "late_interaction.json"
-    study.main(["--smoke", "--output", str(output), f"backbone.path={tiny_bert_path}", f"output_dir={tmp_path / 'run'}"])
+    study.main([
+        "--smoke", "--output", str(output), f"backbone.path={tiny_bert_path}", f"output_dir={tmp_path / 'run'}",
+        "index.r_reps=4",  # muvera's options reach the multi-vector arms only
+    ])
     result = json.loads(output.read_text())
     assert result["smoke"] is True and "benchmarks/run.py late_interaction" in result["command"]
     assert result["settings"]["training"]["steps"] == 2
     assert result["settings"]["pooling"]["name"] == "multi_vector" and result["settings"]["loss"]["name"] == "late_interaction"
+    assert result["settings"]["index"]["r_reps"] == 4
     arms = result["arms"]
     assert set(arms) == {"single_vector", "multi_vector_untrained", "multi_vector_finetuned"}
     assert arms["single_vector"]["bytes_per_document"] == 4 * 32  # the tiny BERT's width
@@ -40,7 +44,7 @@ def test_smoke_run_reports_quality_size_and_speed_of_every_arm(study, tmp_path, 
             figures = arms[name][search]
             assert 0 <= figures["ndcg@10"] <= 100 and len(figures["ndcg@10_ci"]) == 2
             assert figures["queries_per_second"] > 0
-        assert arms[name]["bytes_per_document"]["fde"] == 4 * 20 * 32 * 16
+        assert arms[name]["bytes_per_document"]["fde"] == 4 * 4 * 32 * 16
         assert arms[name]["bytes_per_document"]["vectors"] == pytest.approx(4 * 128 * arms[name]["mean_vectors_per_document"])
         # the smoke corpus is smaller than the candidates: MUVERA re-ranks everything, exactly
         assert arms[name]["muvera"]["recall@10_of_exact_chamfer_top10"] == 1.0

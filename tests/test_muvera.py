@@ -312,3 +312,14 @@ def test_registered_with_its_paper_and_config_file_lists_every_option():
     assert list(config)[0] == "name" and config.name == "muvera"
     assert set(config) - {"name"} == set(parameters)
     assert all(config[key] == parameter.default for key, parameter in parameters.items())
+
+
+def test_an_inner_index_that_finds_too_few_candidates_does_not_shorten_the_results():
+    documents, _ = topic_sets(12, 8, seed=11)
+    index = muvera(8, candidates=6)
+    index.add([f"d{i}" for i in range(12)], documents)
+    index._inner.search = lambda queries, k: type(index._inner).search(index._inner, queries, 2)  # an approximate inner index
+    result = index.search(documents[:2], k=5)
+    exact = muvera(8, candidates=None)
+    exact.add([f"d{i}" for i in range(12)], documents)
+    assert result.ids == exact.search(documents[:2], k=5).ids and result.scores.shape == (2, 5)

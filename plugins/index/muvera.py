@@ -227,6 +227,8 @@ class MuveraIndex(Index):
             rows = [torch.tensor([self._row_of[i] for i in hit_ids], dtype=torch.long) for hit_ids in found.ids]
         ids, scores = [], np.zeros((len(sets), k), dtype=np.float32)
         for q, (query, candidates) in enumerate(zip(sets, rows)):
+            if len(candidates) < k:  # an approximate inner index found too few: score every item
+                candidates = torch.arange(len(self))
             chamfer = self.chamfer(query, candidates)
             best, order = torch.topk(chamfer, k)
             ids.append([self._ids[int(row)] for row in candidates[order]])
