@@ -13,7 +13,13 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = {"encode": "bench_encode", "train": "bench_train", "length": "bench_length", "indexes": "bench_indexes"}
+BENCHMARKS = {
+    "encode": "bench_encode",
+    "train": "bench_train",
+    "length": "bench_length",
+    "indexes": "bench_indexes",
+    "late_interaction": "late_interaction",  # the study of conf/experiment/late_interaction.yaml
+}
 
 
 def main(argv: list[str] | None = None) -> int:

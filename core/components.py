@@ -430,6 +430,12 @@ class Pooling(Component):
         of the vectors belong to each text. Default: the real tokens."""
         return features.attention_mask.bool()
 
+    def bind(self, backbone: "Backbone") -> None:
+        """Called with the model's backbone when the model is composed or loaded, before
+        any text is pooled. A pooling that depends on the backbone (on its tokenizer's
+        vocabulary, say: ``multi_vector`` leaves punctuation out) learns it here.
+        Default: nothing."""
+
 
 # ---------------------------------------------------------------------------
 # loss

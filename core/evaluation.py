@@ -304,7 +304,7 @@ def evaluate_retrieval(
     started = time.perf_counter()
     doc_ids = list(corpus)
     doc_vectors = _encode(model, [corpus[d] for d in doc_ids], batch_size, corpus_prompt, encode_options)
-    index = index_factory(int(doc_vectors.shape[1]))
+    index = index_factory(int((doc_vectors[0] if isinstance(doc_vectors, list) else doc_vectors).shape[-1]))
     index.add(doc_ids, doc_vectors)
     query_vectors = _encode(model, [queries[q] for q in judged], batch_size, query_prompt, encode_options)
     hits = index.search(query_vectors, max(k, 10))
@@ -342,11 +342,13 @@ def _encode(
     batch_size: int,
     prompt: str | None,
     encode_options: Mapping[str, Any] | None,
-) -> np.ndarray:
+) -> np.ndarray | list[np.ndarray]:
     options = {"batch_size": batch_size, "normalize": True, **(encode_options or {})}
     if prompt is not None:
         options["prompt"] = prompt
     vectors = model.encode(texts, **options)
+    if isinstance(vectors, list):  # sets of vectors (late interaction): one [tokens, dim] array per text
+        return [np.asarray(v, dtype=np.float32) for v in vectors]
     return np.asarray(vectors, dtype=np.float32)
 
 
