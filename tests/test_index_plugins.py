@@ -40,7 +40,8 @@ import json  # noqa: E402
 from embplex.cli import main  # noqa: E402
 
 # options a 32-wide test model needs (the funnel's default prefix is 64 dimensions)
-NARROW = {"matryoshka_funnel": ["index.prefix=16"]}
+# options each index needs on the tiny model: a prefix within its width, sets of vectors for muvera
+NARROW = {"matryoshka_funnel": ["index.prefix=16"], "muvera": ["pooling=multi_vector", "pooling.dim=16"]}
 
 
 @pytest.mark.parametrize("name", INDEXES)
