@@ -170,15 +170,13 @@ def openai_error(error: RequestError) -> dict[str, Any]:
 
 
 def tei_error(error: RequestError) -> dict[str, Any]:
-    return {"error": error.message, "error_type": error.kind}
+    return {"error": error.message, "error_type": "validation" if error.kind == "invalid" else error.kind}
 
 
 def _tei_status(error: RequestError) -> int:
-    """TEI's status for each error type (400 empty, 413 validation, 422 tokenizer, 429
-    overloaded, 424 backend); others keep theirs."""
-    return {"empty": 400, "validation": 413, "tokenizer": 422, "overloaded": 429, "backend": 424}.get(
-        error.kind, error.status
-    )
+    """TEI's status codes: 400 empty, 413 too large (validation), 422 a body of the wrong
+    shape or a tokenizer error, 424 a backend failure, 429 overloaded; others as given."""
+    return {"invalid": 422, "tokenizer": 422, "backend": 424}.get(error.kind, error.status)
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -293,9 +291,6 @@ class Batcher:
         self._queued_texts = 0
         self._cond = threading.Condition()
         self._closing = False
-        # the token count tokenizes without truncation; transformers warns that max_length
-        # is then unused, which is the point
-        warnings.filterwarnings("ignore", message="`max_length` is ignored when `padding`")
         self._thread = threading.Thread(target=self._run, name="embplex-batcher", daemon=True)
         self._thread.start()
 
@@ -372,7 +367,9 @@ class Batcher:
             # one tokenization per request, in this thread (fast tokenizers are not safe to
             # share between threads): token counts for `usage`, and the per-request check
             # of the token limit, so one request's long text never fails another's batch
-            lengths = model.backbone.tokenize(job.texts, truncate=False).attention_mask.sum(dim=1).tolist()
+            with warnings.catch_warnings():  # transformers: max_length unused without truncation, the point
+                warnings.simplefilter("ignore", UserWarning)
+                lengths = model.backbone.tokenize(job.texts, truncate=False).attention_mask.sum(dim=1).tolist()
             too_long = [i for i, n in enumerate(lengths) if n > limit]
             if too_long and not job.truncate:
                 job.future.set_exception(
@@ -433,7 +430,7 @@ def _texts(value: Any, name: str, settings: ServeSettings, allow_truncate: bool)
     elif isinstance(value, list):
         texts = value
     else:
-        raise RequestError(400, f"'{name}' must be a string or a list of strings.", "validation", name)
+        raise RequestError(400, f"'{name}' must be a string or a list of strings.", "invalid", name)
     if not texts:
         raise RequestError(400, f"'{name}' is empty: send at least one text.", "empty", name)
     if len(texts) > settings.max_texts:
@@ -448,7 +445,7 @@ def _texts(value: Any, name: str, settings: ServeSettings, allow_truncate: bool)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             what = "token ids" if isinstance(text, (int, list)) else type(text).__name__
-            raise RequestError(400, f"'{name}'[{i}] is {what}, not a string; send text.", "validation", name)
+            raise RequestError(400, f"'{name}'[{i}] is {what}, not a string; send text.", "invalid", name)
         if not text.strip():
             raise RequestError(400, f"'{name}'[{i}] is empty; every text needs some content.", "empty", name)
         if len(text) > settings.max_chars:
@@ -507,7 +504,7 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise RequestError(400, f"'{key}' must be true or false.", "validation", key)
+        raise RequestError(400, f"'{key}' must be true or false.", "invalid", key)
     return value
 
 
