@@ -1,7 +1,7 @@
 """Run one benchmark by name: ``python benchmarks/run.py encode --json``.
 
-``encode``, ``train`` and ``length`` are ``bench_encode.py``, ``bench_train.py`` and
-``bench_length.py`` next to this file; every option after the name goes to that script
+``encode``, ``train``, ``length`` and ``serve`` are ``bench_encode.py``, ``bench_train.py``,
+``bench_length.py`` and ``bench_serve.py`` next to this file; every option after the name goes to that script
 (``--smoke``, ``--json``, ``--output PATH``, and its own, listed by ``--help``). Each
 writes its JSON result under ``benchmarks/results/``; ``docs/benchmarks.md`` explains
 them.
@@ -13,7 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = {"encode": "bench_encode", "train": "bench_train", "length": "bench_length"}
+BENCHMARKS = {"encode": "bench_encode", "train": "bench_train", "length": "bench_length", "serve": "bench_serve"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,3 +137,21 @@ def test_each_script_documents_its_smoke_mode(script):
         [sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert completed.returncode == 0 and "--smoke" in completed.stdout
+
+
+def test_serve_benchmark_reports_throughput_and_latency_per_concurrency(tmp_path, data_dir):
+    pytest.importorskip("fastapi")
+    result = run_smoke("serve", tmp_path, data_dir)
+    assert result["benchmark"] == "serve" and result["smoke"] is True
+    assert "benchmarks/run.py serve" in result["command"]
+    assert result["machine"]["torch"] and result["machine"]["logical_cpus"]
+    levels = [str(c) for c in result["settings"]["clients"]]
+    assert set(result["results"]) == {"embplex_batching", "embplex_no_batching", "st_fastapi"}
+    for server, by_clients in result["results"].items():
+        assert list(by_clients) == levels
+        for figures in by_clients.values():
+            assert figures["errors"] == 0 and figures["texts_per_second"] > 0
+            assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+            # every server, the baseline included, returns the model's vectors
+            assert figures["max_abs_diff_vs_encode"] < 1e-5, server
+    assert all(value > 0 for value in result["ratios"].values())
