@@ -53,6 +53,9 @@ def model(
     """
     from . import load
     from .model import EmbeddingModel
+    from .serve import require
+
+    require("mteb", "mteb")
 
     if isinstance(source, EmbeddingModel):
         embedding_model = source
@@ -105,7 +108,7 @@ def _encoder_class() -> Any:
             batch_size: int,
             name: str | None,
         ) -> None:
-            from .serve import _model_name
+            from .serve import served_name
 
             self.model = embedding_model
             if prompts:
@@ -118,7 +121,7 @@ def _encoder_class() -> Any:
             self.task_instructions = task_instructions
             self.instruction_template = instruction_template
             self.batch_size = batch_size
-            model_name = name or _model_name(embedding_model)
+            model_name = name or served_name(embedding_model)
             self.mteb_model_meta = ModelMeta.create_empty(
                 overwrites={
                     "name": model_name if "/" in model_name else f"embplex/{model_name}",

@@ -31,6 +31,7 @@ import difflib
 import hmac
 import json
 import math
+import signal
 import socket
 import threading
 import time
@@ -40,7 +41,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, NonFiniteError, OptionError
+from .errors import EmbplexError, InputError, NonFiniteError, OptionError
 
 # -- settings ----------------------------------------------------------------------------
 
@@ -535,6 +536,7 @@ def create_app(
 
     :param documents: id -> ``{"title", "text"}`` returned as each hit's metadata.
     """
+    require("fastapi", "serve")
     import fastapi
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -542,7 +544,7 @@ def create_app(
     settings = settings or ServeSettings()
     settings.check()
     _check_single_vector(model)
-    served = Served(model, name or _model_name(model), index, dict(documents) if documents else None, index_name)
+    served = Served(model, name or served_name(model), index, dict(documents) if documents else None, index_name)
     metrics = Metrics()
     state: dict[str, Any] = {}
 
@@ -782,7 +784,8 @@ def _check_single_vector(model: Any) -> None:
         raise NonFiniteError("the model gives non-finite embeddings; it cannot be served.")
 
 
-def _model_name(model: Any) -> str:
+def served_name(model: Any) -> str:
+    """The name a model is served and reported under: its saved folder's, else its backbone path's."""
     if getattr(model, "source", None):
         return Path(model.source).name
     options = ((model.specs or {}).get("backbone") or {}).get("options") or {}
@@ -791,6 +794,14 @@ def _model_name(model: Any) -> str:
 
 
 # -- running it --------------------------------------------------------------------------
+
+
+def require(module: str, extra: str) -> None:
+    """Refuse, with the install command, when an optional library is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise EmbplexError(f"this needs {module}, which is not installed: pip install 'embplex[{extra}]'.")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -812,6 +823,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(app: Any, settings: ServeSettings) -> Any:
+    require("uvicorn", "serve")
     import uvicorn
 
     config = uvicorn.Config(
@@ -860,12 +872,18 @@ def run_serve(cfg: dict[str, Any], registry: Any) -> dict[str, Any]:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     extra = f"; index {index_name} with {len(index)} items on /search" if index is not None else ""
-    print(f"serving {_model_name(model) if settings.model_name is None else settings.model_name} on http://{shown}:{port}{extra}", flush=True)
+    print(f"serving {served_name(model) if settings.model_name is None else settings.model_name} on http://{shown}:{port}{extra}", flush=True)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print("warning: serving beyond this machine without serve.api_key: anyone who reaches it can use it", flush=True)
     server = make_server(app, settings)
-    server.run(sockets=[sock])
-    print("server stopped", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then sends the signal again to whatever
+    # handler was there before it; this one lets the command end normally (exit 0)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("server stopped: every request in flight was answered", flush=True)
     return {}
 
 

@@ -351,6 +351,17 @@ def test_oversized_text_is_truncated_when_configured(model):
         close(answer.json()["data"][0]["embedding"], model.encode([text[:20]])[0])
 
 
+def test_a_taken_port_is_a_clear_error():
+    from embplex.serve import bind
+
+    taken = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(OptionError, match="serve.port"):
+            bind("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+
+
 def test_settings_are_checked_before_serving():
     with pytest.raises(OptionError, match="serve.max_texts"):
         ServeSettings.from_dict({"max_texts": 0})
@@ -438,7 +449,8 @@ def test_embplex_serve_command_search_metadata_and_graceful_sigterm(model_path, 
             answers = [p.result() for p in pending]
         assert [a.status_code for a in answers] == [200, 200, 200]
         close([a.json()[0] for a in answers], model.encode(texts))
-        serve.wait(timeout=60)
+        assert serve.wait(timeout=60) == 0
+        assert "every request in flight was answered" in serve.stdout.read()
         with pytest.raises(httpx.TransportError):  # it is gone, not half-alive
             httpx.get(f"{url}/health", timeout=5)
     finally:
