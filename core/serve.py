@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import hmac
 import json
 import math
@@ -558,7 +559,8 @@ def create_app(
             await asyncio.get_running_loop().run_in_executor(None, state["batcher"].close)
 
     app = fastapi.FastAPI(title="embplex", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    key = settings.api_key.encode("utf-8") if settings.api_key else None
+    # the key's digest: comparing digests takes the same time whatever the key's length
+    key = hashlib.sha256(settings.api_key.encode("utf-8")).digest() if settings.api_key else None
 
     def respond(request: Any, error: RequestError) -> Any:
         if _is_openai(request.url.path):
@@ -574,7 +576,8 @@ def create_app(
                 given = request.headers.get("authorization", "")
                 scheme, _, token = given.partition(" ")
                 # compare_digest takes the same time wherever the bytes differ
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), key):
+                digest = hashlib.sha256(token.strip().encode("utf-8")).digest()
+                if not hmac.compare_digest(digest, key) or scheme.lower() != "bearer":
                     raise RequestError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'.", "unauthorized")
             if request.method == "POST":
                 declared = request.headers.get("content-length")
@@ -656,7 +659,7 @@ def create_app(
     async def tei_embed(request: Any) -> Any:
         body = await read_json(request)
         truncate = _bool(body, "truncate", settings.truncation == "truncate")
-        texts = _texts(body.get("inputs"), "inputs", settings, truncate)
+        texts = _texts(body.get("inputs"), "inputs", settings, settings.truncation == "truncate")
         normalize = _bool(body, "normalize", True)
         dim = _dimensions(body.get("dimensions"), model.dim, settings)
         result = await embed(texts, normalize, truncate)

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,9 +191,10 @@ def test_openai_bad_requests(server, body, status):
         ({"inputs": ["a", None]}, 422, "validation"),  # TEI: 422 for a body of the wrong shape
         ({"inputs": TOO_MANY}, 413, "validation"),
         ({"inputs": [TOO_LONG]}, 413, "validation"),
+        ({"inputs": [TOO_LONG], "truncate": True}, 413, "validation"),  # truncate is about tokens, not serve.max_chars
         ({"inputs": ["a"], "normalize": "yes"}, 422, "validation"),
     ],
-    ids=["empty-string", "empty-list", "non-string", "too-many", "too-long", "bad-flag"],
+    ids=["empty-string", "empty-list", "non-string", "too-many", "too-long", "too-long-truncate", "bad-flag"],
 )
 def test_tei_bad_requests(server, body, status, kind):
     answer = httpx.post(f"{server}/embed", json=body, headers=AUTH)
