@@ -457,3 +457,29 @@ def test_embplex_serve_command_search_metadata_and_graceful_sigterm(model_path, 
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+def test_a_model_failure_is_a_json_error_and_the_server_goes_on(model_path):
+    """A fault of the model (here: non-finite vectors for one text) fails only the requests
+    of that batch, with a JSON error and no traceback, and the server keeps answering."""
+    from embplex.errors import NonFiniteError
+
+    broken = embplex.compose({"name": "hf_encoder", "path": model_path}, pooling="mean")
+    original = broken.encode
+
+    def encode(texts, **options):
+        if "poison" in texts:
+            raise NonFiniteError("the model gave a non-finite embedding for text 0 ('poison')")
+        return original(texts, **options)
+
+    broken.encode = encode
+    settings = ServeSettings(batching=False)
+    with serve_in_thread(create_app(broken, settings), settings) as url:
+        tei = httpx.post(f"{url}/embed", json={"inputs": ["poison"]})
+        assert tei.status_code == 424 and tei.json()["error_type"] == "backend" and "non-finite" in tei.json()["error"]
+        openai_shape = httpx.post(f"{url}/v1/embeddings", json={"input": ["poison"]})
+        assert openai_shape.status_code == 500 and openai_shape.json()["error"]["type"] == "server_error"
+        assert "Traceback" not in tei.text + openai_shape.text
+        fine = httpx.post(f"{url}/embed", json={"inputs": ["a cat"]})
+        assert fine.status_code == 200
+        close(fine.json(), original(["a cat"]))
