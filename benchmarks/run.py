@@ -1,7 +1,8 @@
 """Run one benchmark by name: ``python benchmarks/run.py encode --json``.
 
-``encode``, ``train``, ``length`` and ``indexes`` are ``bench_encode.py``, ``bench_train.py``,
-``bench_length.py`` and ``bench_indexes.py`` next to this file; every option after the name goes to that script
+``encode``, ``train``, ``length``, ``indexes`` and ``serve`` are ``bench_encode.py``,
+``bench_train.py``, ``bench_length.py``, ``bench_indexes.py`` and ``bench_serve.py`` next to
+this file, and each study's name is its script (``late_interaction.py``); every option after the name goes to that script
 (``--smoke``, ``--json``, ``--output PATH``, and its own, listed by ``--help``). Each
 writes its JSON result under ``benchmarks/results/``; ``docs/benchmarks.md`` explains
 them.
@@ -19,6 +20,7 @@ BENCHMARKS = {
     "length": "bench_length",
     "indexes": "bench_indexes",
     "late_interaction": "late_interaction",  # the study of conf/experiment/late_interaction.yaml
+    "serve": "bench_serve",
 }
 
 

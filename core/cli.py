@@ -4,6 +4,7 @@
     embplex eval     [overrides...]   evaluate on data.eval (STS or BEIR retrieval)
     embplex encode   encode.input=texts.txt [overrides...]
     embplex index    [search.query="..."] [overrides...]
+    embplex serve    [overrides...]   serve the model over HTTP (OpenAI and TEI APIs, /search)
     embplex quickstart [overrides...] evaluate, fine-tune briefly, evaluate, index, search
     embplex plugins  [--kind KIND] [--json] [--requirements]
     embplex config   [overrides...]   print the composed configuration
@@ -30,7 +31,7 @@ from .errors import EmbplexError
 if TYPE_CHECKING:
     from .config import Job
 
-COMMANDS = ("train", "eval", "encode", "index", "quickstart", "plugins", "config")
+COMMANDS = ("train", "eval", "encode", "index", "serve", "quickstart", "plugins", "config")
 QUICKSTART_DEFAULTS = ["experiment=quickstart"]
 
 # Each command's body takes the plain config and the registry and returns the job's
@@ -85,6 +86,12 @@ def cmd_index(cfg: dict[str, Any], registry: Any) -> Headline:
         for rank, (doc_id, score) in enumerate(search(model, index, cfg["search"]["query"], cfg["search"]["k"]), 1):
             print(f"{rank:>3}. [{score:.3f}] {doc_id}: {corpus[doc_id][:100]}")
     return {"documents": len(index)}
+
+
+def cmd_serve(cfg: dict[str, Any], registry: Any) -> Headline:
+    from .serve import run_serve
+
+    return run_serve(cfg, registry)
 
 
 def cmd_quickstart(cfg: dict[str, Any], registry: Any) -> Headline:
@@ -164,6 +171,7 @@ HANDLERS: dict[str, Callable[[dict[str, Any], Any], Headline]] = {
     "eval": cmd_eval,
     "encode": cmd_encode,
     "index": cmd_index,
+    "serve": cmd_serve,
     "quickstart": cmd_quickstart,
     "config": cmd_config,
 }

@@ -226,6 +226,7 @@ class EvalDataSection:
 
 def core_schema() -> dict[str, Any]:
     """Each core top-level key and the type or dataclass that describes it."""
+    from .serve import ServeSettings
     from .training import TrainSettings
 
     return {
@@ -237,6 +238,7 @@ def core_schema() -> dict[str, Any]:
         "encode": EncodeSection,
         "eval": EvalSection,
         "search": SearchSection,
+        "serve": ServeSettings,
     }
 
 

@@ -164,3 +164,19 @@ def test_the_gpu_check_runs_on_the_cpu_and_fills_every_row(tmp_path, data_dir, t
     table = completed.stdout
     for row in ("parity, max abs difference", "encode, texts/s", "train, steps/s", "lora, loss"):
         assert row in table
+def test_serve_benchmark_reports_throughput_and_latency_per_concurrency(tmp_path, data_dir):
+    pytest.importorskip("fastapi")
+    result = run_smoke("serve", tmp_path, data_dir)
+    assert result["benchmark"] == "serve" and result["smoke"] is True
+    assert "benchmarks/run.py serve" in result["command"]
+    assert result["machine"]["torch"] and result["machine"]["logical_cpus"]
+    levels = [str(c) for c in result["settings"]["clients"]]
+    assert set(result["results"]) == {"embplex_batching", "embplex_no_batching", "st_fastapi"}
+    for server, by_clients in result["results"].items():
+        assert list(by_clients) == levels
+        for figures in by_clients.values():
+            assert figures["errors"] == 0 and figures["texts_per_second"] > 0
+            assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+            # every server, the baseline included, returns the model's vectors
+            assert figures["max_abs_diff_vs_encode"] < 1e-5, server
+    assert all(value > 0 for value in result["ratios"].values())
