@@ -244,6 +244,7 @@ class TransformersBackbone:
         trust_remote_code: bool,
         dtype: str,
         padding_side: str | None = None,
+        attn_implementation: str = "sdpa",
     ) -> None:
         import transformers
 
@@ -259,7 +260,7 @@ class TransformersBackbone:
                 trust_remote_code=trust_remote_code,
                 local_files_only=offline,
                 dtype=getattr(torch, dtype),
-                attn_implementation="sdpa",
+                attn_implementation=attn_implementation,
             )
         except Exception as exc:  # missing files, corrupt weights, unknown architectures
             raise ModelFileError(

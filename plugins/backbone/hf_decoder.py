@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -41,6 +41,7 @@ class HFDecoder(TransformersBackbone, Backbone):
         padding_side: str = "right",
         append_eos: bool = True,
         lora: dict[str, Any] | None = None,
+        attn_implementation: Literal["sdpa", "eager"] = "sdpa",
     ) -> None:
         super().__init__()
         if not path or path == "???":  # "???" is Hydra's mark for a value nobody gave
@@ -51,7 +52,10 @@ class HFDecoder(TransformersBackbone, Backbone):
             raise OptionError(f"padding_side must be 'left' or 'right', not {padding_side!r}.")
         self.append_eos = append_eos
         self.lora = dict(lora) if lora else None
-        self._load(path, max_length, num_layers, trust_remote_code, dtype, padding_side)
+        if attn_implementation not in ("sdpa", "eager"):
+            raise OptionError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}.")
+        self._load(path, max_length, num_layers, trust_remote_code, dtype, padding_side, attn_implementation)
+        _refuse_non_decoder(self.model.config, path)
         self._prepare_special_tokens()
         if self.lora:
             self._add_lora(self.lora)
@@ -191,6 +195,27 @@ class HFDecoder(TransformersBackbone, Backbone):
         directory.mkdir(parents=True, exist_ok=True)
         self._plain_model().save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
+
+
+def _refuse_non_decoder(config: Any, path: str) -> None:
+    """Refuse an encoder (BERT, RoBERTa) or encoder-decoder (T5) model: under
+    ``hf_decoder`` it would be read with EOS appended and causal-by-default semantics
+    (``Backbone.causal``), silently giving other vectors than the encoder it is."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        raise OptionError(
+            f"backbone.path={path!r} holds a {kind!r} model, which is not a decoder-only LLM; "
+            "use backbone=hf_encoder for encoders (BERT, RoBERTa, MiniLM, ...)."
+        )
 
 
 def _shared_prefix(prompt_ids: list[int], body: list[int]) -> int:
