@@ -408,8 +408,41 @@ class Pooling(Component):
     how wide the result is for a backbone of width ``hidden``.
     """
 
+    #: The weights read from a saved model folder, kept until :meth:`attach` has bound the
+    #: pooling (``None`` once loaded, or when nothing was saved). ``bind`` may read it to
+    #: build modules of the saved shape.
+    saved_state: dict[str, Tensor] | None = None
+
     def output_dim(self, hidden_size: int) -> int:
         return hidden_size
+
+    def bind(self, backbone: "Backbone") -> None:
+        """Learn the backbone the pooling reads (``hidden_size``, ``num_layers``, ...).
+
+        Called once when the model is composed or loaded, before any weights are loaded
+        or trained: a pooling whose weights depend on the backbone's shape builds them
+        here. Binding again to a backbone of the same shape must keep the weights. The
+        default does nothing."""
+
+    def attach(self, backbone: "Backbone") -> None:
+        """What the model calls (do not override): :meth:`bind`, then load the weights
+        :meth:`from_saved` read, now that every module exists."""
+        self.bind(backbone)
+        if self.saved_state is not None:
+            state, self.saved_state = self.saved_state, None
+            self.load_state_dict(state, strict=True)
+
+    @classmethod
+    def from_saved(cls, directory: Path, options: dict[str, Any]) -> "Pooling":
+        """Rebuild from options; the saved weights are loaded by :meth:`attach` (after
+        :meth:`bind` built the modules they belong to)."""
+        component = cls(**options)
+        weights = directory / cls.weights_file
+        if weights.exists():
+            from .storage import load_safetensors
+
+            component.saved_state = load_safetensors(weights)
+        return component
 
     def forward(self, features: Features) -> Tensor:
         raise NotImplementedError

@@ -67,6 +67,7 @@ class EmbeddingModel(nn.Module):
         self.specs = specs or {}
         if attention is not None:  # refuse a policy's bad layers before any work
             attention.bind(backbone.num_layers, backbone.causal)
+        pooling.attach(backbone)  # a trainable pooling builds (and loads) its weights now
         self.source: str | None = None  # the folder it was loaded from, for messages
         self.eval()  # like transformers' from_pretrained: training is opted into
 
