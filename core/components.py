@@ -72,7 +72,11 @@ class Features:
         layer's output, each ``[batch, tokens, hidden]`` (so ``hidden_states[k]`` is the
         output of layer ``k``, as in transformers).
     :param layer: the layer pooling should read; ``None`` means the last one computed.
-    :param extra: free space for plugins (e.g. a domain label for routing).
+    :param extra: free space for plugins.
+    :param domain: one domain label per text (a name or an index), or ``None``: the
+        ``task`` of each training example (``make_training_batch``), or
+        ``encode(..., domain=)`` at inference. A backbone that routes by domain
+        (``domain_moe``) reads it; the others ignore it.
     """
 
     input_ids: Tensor
@@ -82,6 +86,7 @@ class Features:
     hidden_states: tuple[Tensor, ...] | None = None
     layer: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    domain: list[str | int | None] | None = None
 
     def to(self, device: torch.device | str) -> "Features":
         moved = {
