@@ -72,7 +72,11 @@ class Features:
         layer's output, each ``[batch, tokens, hidden]`` (so ``hidden_states[k]`` is the
         output of layer ``k``, as in transformers).
     :param layer: the layer pooling should read; ``None`` means the last one computed.
-    :param extra: free space for plugins (e.g. a domain label for routing).
+    :param extra: free space for plugins.
+    :param domain: one domain label per text (a name or an index), or ``None``: the
+        ``task`` of each training example (``make_training_batch``), or
+        ``encode(..., domain=)`` at inference. A backbone that routes by domain
+        (``domain_moe``) reads it; the others ignore it.
     """
 
     input_ids: Tensor
@@ -82,6 +86,7 @@ class Features:
     hidden_states: tuple[Tensor, ...] | None = None
     layer: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    domain: list[str | int | None] | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Features":
         """The features on ``device``, hidden states and tensors in ``extra`` included.
@@ -419,8 +424,42 @@ class Pooling(Component):
     how wide the result is for a backbone of width ``hidden``.
     """
 
+    #: The weights read from a saved model folder, kept until :meth:`attach` has bound the
+    #: pooling (``None`` once loaded, or when nothing was saved). ``bind`` may read it to
+    #: build modules of the saved shape.
+    saved_state: dict[str, Tensor] | None = None
+
     def output_dim(self, hidden_size: int) -> int:
         return hidden_size
+
+    def bind(self, backbone: "Backbone") -> None:
+        """Learn the backbone the pooling reads (``hidden_size``, ``num_layers``, ...).
+
+        Called once when the model is composed or loaded, before any weights are loaded
+        or trained: a pooling whose weights depend on the backbone's shape builds them
+        here, and one that depends on its tokenizer learns it here (``multi_vector``
+        finds the punctuation ids it leaves out). Binding again to a backbone of the same
+        shape must keep the weights. The default does nothing."""
+
+    def attach(self, backbone: "Backbone") -> None:
+        """What the model calls (do not override): :meth:`bind`, then load the weights
+        :meth:`from_saved` read, now that every module exists."""
+        self.bind(backbone)
+        if self.saved_state is not None:
+            state, self.saved_state = self.saved_state, None
+            self.load_state_dict(state, strict=True)
+
+    @classmethod
+    def from_saved(cls, directory: Path, options: dict[str, Any]) -> "Pooling":
+        """Rebuild from options; the saved weights are loaded by :meth:`attach` (after
+        :meth:`bind` built the modules they belong to)."""
+        component = cls(**options)
+        weights = directory / cls.weights_file
+        if weights.exists():
+            from .storage import load_safetensors
+
+            component.saved_state = load_safetensors(weights)
+        return component
 
     def forward(self, features: Features) -> Tensor:
         raise NotImplementedError
@@ -429,12 +468,6 @@ class Pooling(Component):
         """For multi-vector poolings (``forward`` returns ``[batch, tokens, dim]``): which
         of the vectors belong to each text. Default: the real tokens."""
         return features.attention_mask.bool()
-
-    def bind(self, backbone: "Backbone") -> None:
-        """Called with the model's backbone when the model is composed or loaded, before
-        any text is pooled. A pooling that depends on the backbone (on its tokenizer's
-        vocabulary, say: ``multi_vector`` leaves punctuation out) learns it here.
-        Default: nothing."""
 
 
 # ---------------------------------------------------------------------------

@@ -244,6 +244,7 @@ class TransformersBackbone:
         trust_remote_code: bool,
         dtype: str,
         padding_side: str | None = None,
+        attn_implementation: str = "sdpa",
     ) -> None:
         import transformers
 
@@ -259,7 +260,7 @@ class TransformersBackbone:
                 trust_remote_code=trust_remote_code,
                 local_files_only=offline,
                 dtype=getattr(torch, dtype),
-                attn_implementation="sdpa",
+                attn_implementation=attn_implementation,
             )
         except Exception as exc:  # missing files, corrupt weights, unknown architectures
             raise ModelFileError(
@@ -310,9 +311,17 @@ class TransformersBackbone:
 
     # -- layers ----------------------------------------------------------------------
 
+    def _network(self) -> Any:
+        """The transformers model itself: a peft wrapper forwards attribute reads to the
+        model it wraps but not writes, so elastic depth cuts the blocks on this one."""
+        if type(self.model).__module__.startswith("peft."):
+            return self.model.get_base_model()
+        return self.model
+
     def _layer_list(self) -> tuple[Any, str]:
         """The ModuleList of transformer blocks and the attribute holding it."""
-        for owner in (self.model, getattr(self.model, "encoder", None), getattr(self.model, "model", None)):
+        network = self._network()
+        for owner in (network, getattr(network, "encoder", None), getattr(network, "model", None)):
             if owner is None:
                 continue
             for attribute in ("layer", "layers", "h"):
@@ -410,11 +419,43 @@ class TransformersBackbone:
             output = self.model(**inputs, output_hidden_states=True, return_dict=True)
         return dataclasses.replace(features, hidden_states=tuple(output.hidden_states))
 
+    # -- LoRA ------------------------------------------------------------------------
+
+    lora: dict[str, Any] | None = None
+
+    def _add_lora(self, settings: dict[str, Any]) -> None:
+        """Wrap the model in peft LoRA adapters (``settings``: ``peft.LoraConfig``
+        options, every linear layer by default). peft freezes every other weight, so
+        training updates the adapters only."""
+        try:
+            import peft
+        except ImportError:
+            raise OptionError(
+                "backbone.lora needs the 'peft' package: install it with 'pip install embplex[lora]', "
+                "or set backbone.lora=null to train all weights."
+            ) from None
+        try:
+            config = peft.LoraConfig(**{"target_modules": "all-linear", **settings})
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"backbone.lora has a setting peft.LoraConfig does not take: {exc}") from None
+        self.lora = dict(settings)
+        self.model = peft.get_peft_model(self.model, config)
+
+    def _plain_model(self) -> Any:
+        """The transformers model with any LoRA adapters merged in (a copy when merging)."""
+        if self.lora is None or not hasattr(self.model, "merge_and_unload"):
+            return self.model
+        import copy
+
+        return copy.deepcopy(self.model).merge_and_unload()
+
     # -- persistence -----------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
+        # LoRA adapters are merged into the weights: the folder is a plain transformers
+        # model, and loading it re-attaches fresh (zero) adapters, which change nothing.
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self._plain_model().save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
 
     @classmethod

@@ -69,7 +69,7 @@ class EmbeddingModel(nn.Module):
         self.specs = specs or {}
         if attention is not None:  # refuse a policy's bad layers before any work
             attention.bind(backbone.num_layers, backbone.causal)
-        pooling.bind(backbone)  # e.g. a pooling that reads the tokenizer's vocabulary
+        pooling.attach(backbone)  # a trainable pooling builds (and loads) its weights now
         self.source: str | None = None  # the folder it was loaded from, for messages
         self.eval()  # like transformers' from_pretrained: training is opted into
 
@@ -222,6 +222,7 @@ class EmbeddingModel(nn.Module):
         truncation: str = "warn",
         layer: int | None = None,
         dim: int | None = None,
+        domain: str | int | Sequence[str | int] | None = None,
     ) -> np.ndarray | Tensor:
         """Embed texts.
 
@@ -234,11 +235,14 @@ class EmbeddingModel(nn.Module):
             ``"warn"`` (truncate and warn), ``"silent"`` or ``"error"``.
         :param layer: pool at this layer (elastic depth), 1..depth; ``None`` is the last.
         :param dim: keep the first ``dim`` dimensions (Matryoshka), renormalised.
+        :param domain: the texts' domain label (one for all, or one per text), handed to
+            the backbone in ``Features.domain`` (a backbone routing by domain needs it).
         :returns: ``[texts, dim]``; for a multi-vector pooling (one that returns
             ``[batch, tokens, dim]``) a list with one ``[tokens_i, dim]`` array per text.
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
+        domains = _domains_for(domain, len(texts))
         self.check_layer(layer)
         if truncation not in ("warn", "silent", "error"):
             raise InputError(f"truncation must be 'warn', 'silent' or 'error', not {truncation!r}.")
@@ -250,7 +254,7 @@ class EmbeddingModel(nn.Module):
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, not {batch_size}.")
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        batches = _token_budget_batches(self.backbone, texts, order, batch_size, prompt)
+        batches = _token_budget_batches(self.backbone, texts, order, batch_size, prompt, domains)
         if show_progress is None:
             show_progress = len(texts) > 4 * batch_size
         from tqdm.auto import tqdm
@@ -562,8 +566,27 @@ _TOKENIZE_CHUNK = 4096
 TOKENS_PER_TEXT = 32
 
 
+def _domains_for(domain: Any, count: int) -> list[str | int] | None:
+    """``encode``'s ``domain`` as one label per text (``None``: no label)."""
+    if domain is None:
+        return None
+    if isinstance(domain, (str, numbers.Integral)) and not isinstance(domain, bool):
+        return [domain] * count
+    if isinstance(domain, Sequence) and not isinstance(domain, (str, bytes)):
+        labels = list(domain)
+        if len(labels) != count:
+            raise InputError(f"domain has {len(labels)} labels for {count} texts; give one label, or one per text.")
+        return labels
+    raise InputError(f"domain must be a label (a name or an index) or a list of them, not {type(domain).__name__}.")
+
+
 def _token_budget_batches(
-    backbone: Backbone, texts: list[str], order: np.ndarray, batch_size: int, prompt: str | None
+    backbone: Backbone,
+    texts: list[str],
+    order: np.ndarray,
+    batch_size: int,
+    prompt: str | None,
+    domains: list[str | int] | None = None,
 ) -> Iterator[tuple[np.ndarray, Features, int]]:
     """Batches of texts with nearly equal token counts: at most ``batch_size`` texts and
     ``batch_size * TOKENS_PER_TEXT`` tokens (padding included) each.
@@ -583,6 +606,8 @@ def _token_budget_batches(
     for start in range(0, len(order), _TOKENIZE_CHUNK):
         chunk = order[start : start + _TOKENIZE_CHUNK]
         features = backbone.tokenize([texts[i] for i in chunk], prompt=prompt)
+        if domains is not None:
+            features.domain = [domains[i] for i in chunk]
         truncated = int(features.extra.get("truncated", 0))
         lengths = features.attention_mask.sum(dim=1)
         by_length = torch.argsort(lengths, descending=True, stable=True)
@@ -674,6 +699,7 @@ def _take_rows(features: Features, rows: Tensor, width: int) -> Features:
         instruction_mask=take(features.instruction_mask),
         padding_side=features.padding_side,
         extra={key: take(value) for key, value in features.extra.items()},
+        domain=None if features.domain is None else [features.domain[int(row)] for row in rows],
     )
 
 

@@ -289,6 +289,10 @@ def make_training_batch(backbone: Any, examples: Sequence[Example]) -> TrainingB
     negatives = None
     if per_anchor:
         negatives = backbone.tokenize([text for e in examples for text in e.negatives[:per_anchor]])
+    if any(e.task is not None for e in examples):  # the domain label of each text
+        anchors.domain = positives.domain = [e.task for e in examples]
+        if negatives is not None:
+            negatives.domain = [e.task for e in examples for _ in range(per_anchor)]
     scores = None
     if all(e.scores is not None and len(e.scores) >= 1 + per_anchor for e in examples):
         scores = torch.tensor([list(e.scores[: 1 + per_anchor]) for e in examples], dtype=torch.float32)

@@ -193,7 +193,7 @@ def test_values_of_the_right_type_pass(registry, override, key, value):
         ("+seeed=1", r"Unknown key seeed: .* Did you mean 'seed'\?"),
         ("+encode.promt=query:", r"Unknown key encode\.promt: .* Did you mean 'prompt'\?"),
         ("+pooling.exclude_instructions=false", r"Unknown key pooling\.exclude_instructions: .* Did you mean 'exclude_instruction'\?"),
-        ("+backbone.lora.r=8", r"Unknown key backbone\.lora: backbone 'hf_encoder' has no option 'lora'"),
+        ("+backbone.adapter.r=8", r"Unknown key backbone\.adapter: backbone 'hf_encoder' has no option 'adapter'"),
     ],
 )
 def test_an_added_unknown_key_is_refused_with_the_closest_key(registry, override, message):

@@ -204,7 +204,7 @@ def test_bad_padding_side_is_refused(decoders):
 
 def test_lora_without_peft_says_how_to_get_it(decoders, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes "import peft" fail
-    with pytest.raises(OptionError, match="pip install peft"):
+    with pytest.raises(OptionError, match=r"pip install embplex\[lora\]"):
         backbone(decoders["llama"], lora={"r": 4})
 
 

@@ -14,10 +14,8 @@ LoRA-trained models with the adapters merged into the weights.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -41,6 +39,7 @@ class HFDecoder(TransformersBackbone, Backbone):
         padding_side: str = "right",
         append_eos: bool = True,
         lora: dict[str, Any] | None = None,
+        attn_implementation: Literal["sdpa", "eager"] = "sdpa",
     ) -> None:
         super().__init__()
         if not path or path == "???":  # "???" is Hydra's mark for a value nobody gave
@@ -50,11 +49,13 @@ class HFDecoder(TransformersBackbone, Backbone):
         if padding_side not in ("left", "right"):
             raise OptionError(f"padding_side must be 'left' or 'right', not {padding_side!r}.")
         self.append_eos = append_eos
-        self.lora = dict(lora) if lora else None
-        self._load(path, max_length, num_layers, trust_remote_code, dtype, padding_side)
+        if attn_implementation not in ("sdpa", "eager"):
+            raise OptionError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}.")
+        self._load(path, max_length, num_layers, trust_remote_code, dtype, padding_side, attn_implementation)
+        _refuse_non_decoder(self.model.config, path)
         self._prepare_special_tokens()
-        if self.lora:
-            self._add_lora(self.lora)
+        if lora:
+            self._add_lora(lora)
 
     # -- tokens ----------------------------------------------------------------------
 
@@ -153,44 +154,33 @@ class HFDecoder(TransformersBackbone, Backbone):
     # -- layers ----------------------------------------------------------------------
 
     def _layer_list(self) -> tuple[Any, str]:
-        # A peft wrapper forwards attribute reads to the model it wraps but not writes,
-        # so elastic depth must cut the blocks on the wrapped model itself.
-        network = self.model
-        if type(network).__module__.startswith("peft."):
-            network = network.get_base_model()
+        network = self._network()
         for attribute in ("layers", "h"):
             if isinstance(getattr(network, attribute, None), torch.nn.ModuleList):
                 return network, attribute
         return super()._layer_list()
 
-    # -- LoRA ------------------------------------------------------------------------
 
-    def _add_lora(self, settings: dict[str, Any]) -> None:
-        try:
-            import peft
-        except ImportError:
-            raise OptionError(
-                "backbone.lora needs the 'peft' package: install it with 'pip install peft', "
-                "or set backbone.lora=null to train all weights."
-            ) from None
-        try:
-            config = peft.LoraConfig(**{"target_modules": "all-linear", **settings})
-        except TypeError as exc:
-            raise OptionError(f"backbone.lora has a setting peft.LoraConfig does not take: {exc}") from None
-        self.model = peft.get_peft_model(self.model, config)
 
-    def _plain_model(self) -> Any:
-        """The transformers model with any LoRA adapters merged in (a copy when merging)."""
-        if self.lora is None or not hasattr(self.model, "merge_and_unload"):
-            return self.model
-        return copy.deepcopy(self.model).merge_and_unload()
+def _refuse_non_decoder(config: Any, path: str) -> None:
+    """Refuse an encoder (BERT, RoBERTa) or encoder-decoder (T5) model: under
+    ``hf_decoder`` it would be read with EOS appended and causal-by-default semantics
+    (``Backbone.causal``), silently giving other vectors than the encoder it is."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
-    # -- persistence -----------------------------------------------------------------
-
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self._plain_model().save_pretrained(str(directory), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(directory))
+    kind = getattr(config, "model_type", None)
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        raise OptionError(
+            f"backbone.path={path!r} holds a {kind!r} model, which is not a decoder-only LLM; "
+            "use backbone=hf_encoder for encoders (BERT, RoBERTa, MiniLM, ...)."
+        )
 
 
 def _shared_prefix(prompt_ids: list[int], body: list[int]) -> int:

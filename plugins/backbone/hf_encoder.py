@@ -5,7 +5,9 @@ arXiv:1908.10084). Returns every layer's hidden states. ``num_layers`` keeps onl
 first k transformer blocks (elastic depth, as 2D Matryoshka and Starbucks models are
 meant to be served); the saved model then has k blocks. ``precision`` picks the inference
 fast path (``fast``: bf16 matrix products where the hardware runs them faster, token-budget
-batching); the default ``fp32`` gives sentence-transformers' embeddings exactly.
+batching); the default ``fp32`` gives sentence-transformers' embeddings exactly. ``lora``
+trains peft LoRA adapters only (LoRA: Low-Rank Adaptation of Large Language Models, Hu et
+al., 2021, arXiv:2106.09685); the saved model has them merged into its weights.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ class HFEncoder(TransformersBackbone, Backbone):
         trust_remote_code: bool = False,
         dtype: str = "float32",
         precision: str = "fp32",
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.trust_remote_code = trust_remote_code
         self._load(path, max_length, num_layers, trust_remote_code, dtype)
+        if lora:
+            self._add_lora(lora)
         self._set_precision(precision)
 
     def sentence_transformers_export(self, hidden_size: int) -> SentenceTransformersModule | None:
