@@ -225,6 +225,7 @@ class EvalDataSection:
 
 def core_schema() -> dict[str, Any]:
     """Each core top-level key and the type or dataclass that describes it."""
+    from .teachers import TeacherSection
     from .training import TrainSettings
 
     return {
@@ -235,6 +236,7 @@ def core_schema() -> dict[str, Any]:
         "encode": EncodeSection,
         "eval": EvalSection,
         "search": SearchSection,
+        "teacher": TeacherSection,
     }
 
 
@@ -282,6 +284,9 @@ def check_config(cfg: Any, registry: Registry) -> None:
             check_options(registry.get(kind, node["name"]), options_of(node))
     if cfg.get("data") is not None:
         _check_data(cfg["data"])
+    from .teachers import check_teacher_config
+
+    check_teacher_config(cfg.get("teacher"), registry)
 
 
 def _check_data(data: Any) -> None:
