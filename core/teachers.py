@@ -281,8 +281,9 @@ class Teacher:
             )
         if not bool(torch.isfinite(vectors).all()):
             raise ModelFileError(f"teacher.cache={path} holds non-finite vectors; delete it to rebuild it.")
-        for key, row in zip(keys, vectors):
-            self._vectors[bytes(key.tolist())] = row
+        raw = keys.contiguous().numpy().tobytes()
+        for i, row in enumerate(vectors):
+            self._vectors[raw[32 * i : 32 * (i + 1)]] = row
         self._unsaved = 0
 
     def save_cache(self) -> Path | None:
@@ -294,7 +295,7 @@ class Teacher:
 
         from .storage import atomic_file
 
-        keys = torch.tensor([list(key) for key in self._vectors], dtype=torch.uint8)
+        keys = torch.frombuffer(bytearray(b"".join(self._vectors)), dtype=torch.uint8).reshape(-1, 32)
         vectors = torch.stack(list(self._vectors.values())).contiguous()
         metadata = {"format": CACHE_FORMAT, "teacher": self.fingerprint, "sha256": _digest(keys, vectors)}
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
