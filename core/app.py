@@ -105,6 +105,9 @@ def run_train(cfg: dict[str, Any], registry: Registry, model: EmbeddingModel | N
     loss = registry.create("loss", loss_node["name"], **options_of(loss_node))
     sampler = registry.create("sampler", sampler_node["name"], **options_of(sampler_node))
     settings = TrainSettings.from_dict({"seed": cfg["seed"], **cfg["train"]})
+    from .teachers import build_teacher
+
+    teacher = build_teacher(cfg.get("teacher"), registry)
     return train(
         model,
         examples,
@@ -114,6 +117,7 @@ def run_train(cfg: dict[str, Any], registry: Registry, model: EmbeddingModel | N
         output_dir=output_dir(cfg),
         make_index=index_factory(cfg, registry),
         run_config={"data": cfg["data"]["train"]},
+        teacher=teacher,
     )
 
 

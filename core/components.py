@@ -510,7 +510,11 @@ class TrainingBatch:
     :param negatives_per_anchor: ``k``, the smallest number of negatives of any example
         in the batch (each example keeps its first ``k``).
     :param scores: ``[batch, 1 + k]`` float32 teacher scores (positive, then negatives),
-        set only when every example has at least ``1 + k`` of them.
+        set only when every example has at least ``1 + k`` of them, or by a model teacher
+        (:mod:`embplex.teachers`).
+    :param teacher_matrix: ``[batch, batch * (1 + k)]`` a model teacher's score of every
+        anchor against every candidate of the batch: all positives, then all negatives
+        (anchor by anchor), the columns of ``infonce``'s logits; ``None`` without one.
     """
 
     examples: list[Example]
@@ -519,6 +523,7 @@ class TrainingBatch:
     negatives: Features | None = None
     negatives_per_anchor: int = 0
     scores: Tensor | None = None
+    teacher_matrix: Tensor | None = None
 
     def roles(self) -> dict[str, Features]:
         roles = {"anchors": self.anchors, "positives": self.positives}
@@ -534,7 +539,15 @@ class Loss(Component):
     final embeddings and hands them to ``compute``; a loss that wraps another one (e.g.
     Matryoshka around InfoNCE) calls ``model.embed_roles(batch, layers=[...])`` once and
     feeds the inner loss's ``compute`` with slices of the result.
+
+    ``teacher_scores`` says which teacher scores the loss reads (``docs/concepts.md``,
+    "Teachers"): ``None`` (none), ``"pairs"`` (``batch.scores``) or ``"matrix"``
+    (``batch.teacher_matrix`` too). The trainer checks before the first step that they
+    will be there, and runs a configured model teacher only for a loss that reads them.
+    A loss wrapping another one copies its inner loss's value.
     """
+
+    teacher_scores: str | None = None
 
     def forward(self, model: "EmbeddingModel", batch: TrainingBatch) -> Tensor:
         embeddings = model.embed_roles(batch)

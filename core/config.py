@@ -227,6 +227,7 @@ class EvalDataSection:
 def core_schema() -> dict[str, Any]:
     """Each core top-level key and the type or dataclass that describes it."""
     from .serve import ServeSettings
+    from .teachers import TeacherSection
     from .training import TrainSettings
 
     return {
@@ -239,6 +240,7 @@ def core_schema() -> dict[str, Any]:
         "eval": EvalSection,
         "search": SearchSection,
         "serve": ServeSettings,
+        "teacher": TeacherSection,
     }
 
 
@@ -290,6 +292,9 @@ def check_config(cfg: Any, registry: Registry) -> None:
             check_options(registry.get(kind, node["name"]), options_of(node))
     if cfg.get("data") is not None:
         _check_data(cfg["data"])
+    from .teachers import check_teacher_config
+
+    check_teacher_config(cfg.get("teacher"), registry)
 
 
 def _check_data(data: Any) -> None:

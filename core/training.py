@@ -47,10 +47,12 @@ from .components import Example, Features, Index, Loss, Sampler, TrainingBatch, 
 from .devices import is_out_of_memory
 from .errors import InputError, OptionError, OutOfMemoryError, TrainingInterrupted
 from .storage import atomic_write_text
+from .teachers import teacher_for
 
 if TYPE_CHECKING:
     from .model import EmbeddingModel
     from .registry import Registry
+    from .teachers import Teacher
 
 __all__ = [
     "StepInfo",
@@ -391,6 +393,7 @@ class Trainer:
         registry: "Registry | None" = None,
         run_config: Mapping[str, Any] | None = None,
         callbacks: Sequence[Callable[[StepInfo], None]] = (),
+        teacher: "Teacher | None" = None,
     ) -> None:
         settings.check()
         model.check_saveable()  # the run ends by saving the model: refuse now, not after training
@@ -406,6 +409,8 @@ class Trainer:
         self.registry = registry
         self.callbacks = list(callbacks)
         self.device = model.device
+        # the scores the loss reads are checked now, not at the batch that lacks them
+        self.teacher = teacher_for(loss, teacher, self.examples)
         self.config = _normalised(
             {
                 "model": {
@@ -420,6 +425,7 @@ class Trainer:
                 "settings": settings.computational(),
                 "data": {"examples": len(self.examples), "sha256": data_fingerprint(self.examples)},
                 **({"run": dict(run_config)} if run_config else {}),
+                **({"teacher": self.teacher.fingerprint} if self.teacher is not None else {}),
             }
         )
         self.config_hash = config_hash(self.config)
@@ -645,6 +651,8 @@ class Trainer:
 
         self.model.train()
         self.loss.train()
+        if self.teacher is not None:
+            self.teacher.to(self.device)  # it scores on the student's device
         optimizer.zero_grad(set_to_none=True)
         try:
             while progress.step < self.total_steps:
@@ -660,6 +668,8 @@ class Trainer:
                         continue  # done before the checkpoint we resumed from
                     batch = make_training_batch(self.model.backbone, [self.examples[i] for i in indices])
                     batch = _batch_to(batch, self.device)
+                    if self.teacher is not None:
+                        batch = self.teacher.score(batch)
                     try:
                         with autocast:
                             value = self.loss(self.model, batch)
@@ -698,6 +708,8 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+            if self.teacher is not None:
+                self.teacher.save_cache()  # what it computed stays valid, interrupted or not
 
         try:
             if settings.checkpoint_every and progress.step % settings.checkpoint_every:
@@ -720,6 +732,7 @@ def train(
     registry: "Registry | None" = None,
     run_config: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    teacher: "Teacher | None" = None,
 ) -> TrainResult:
     """Train ``model`` on ``examples`` and save it to ``output_dir/model``.
 
@@ -730,6 +743,9 @@ def train(
     :param run_config: anything else that defines the run (e.g. the CLI's data config);
         it joins the config hash that a resumed run must match.
     :param callbacks: called with a :class:`StepInfo` after every optimizer step.
+    :param teacher: a model that scores each batch for a loss that reads teacher scores
+        (:func:`embplex.teachers.build_teacher`); without one, such a loss reads the
+        training file's ``Example.scores``, which every example must have.
     :raises CheckpointMismatchError: the checkpoint to resume from has another config.
     :raises ModelFileError: the checkpoint to resume from is corrupt.
     """
@@ -744,4 +760,5 @@ def train(
         registry=registry,
         run_config=run_config,
         callbacks=callbacks,
+        teacher=teacher,
     ).run()
