@@ -68,8 +68,8 @@ def test_bad_overrides_exit_2_with_a_clear_message(capsys, args, message):
 
 
 def test_unknown_command_lists_the_commands(capsys):
-    code, _, err = run(capsys, "serve")
-    assert code == 2 and "train, eval, encode, index" in err
+    code, _, err = run(capsys, "srve")
+    assert code == 2 and "unknown command 'srve'" in err and "train, eval, encode, index" in err and "serve" in err
 
 
 def test_encode_writes_one_row_per_input_line(capsys, tmp_path, tiny_bert_path):
