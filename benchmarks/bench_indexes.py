@@ -39,7 +39,8 @@ SETTINGS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("faiss ivfpq", "faiss", {"structure": "ivfpq", "nlist": "sqrt", "pq_m": 48, "pq_bits": 8, "nprobe": 16}, ("scifact", "synthetic")),
     *[
         (f"binary {bits}-bit{' rescored' if rescore else ''}", "binary",
-         {"bits": bits, "rescore": rescore, "keep_vectors": rescore, "oversample": 10}, ("scifact", "synthetic"))
+         {"bits": bits, "rescore": rescore, "keep_vectors": rescore, "vectors_on_disk": rescore, "oversample": 10},
+         ("scifact", "synthetic"))
         for bits in (1, 2, 4) for rescore in (False, True)
     ],
     ("funnel prefix 64", "matryoshka_funnel", {"prefix": 64, "oversample": 10}, ("scifact", "synthetic")),

@@ -343,15 +343,18 @@ def save_arrays(root: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
         np.save(Path(root) / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
 
 
-def load_arrays(root: str | Path, specs: Mapping[str, tuple[Any, tuple[int | None, ...]]]) -> dict[str, np.ndarray]:
+def load_arrays(
+    root: str | Path, specs: Mapping[str, tuple[Any, tuple[int | None, ...]]], mapped: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
     """Read the arrays :func:`save_arrays` wrote, each checked against ``(dtype, shape)``
     (``None`` in a shape: any size); a missing, unreadable or mis-shaped one is a
-    :class:`~embplex.errors.ModelFileError` naming the file."""
+    :class:`~embplex.errors.ModelFileError` naming the file. The arrays named in
+    ``mapped`` are memory-mapped read-only instead of read."""
     arrays = {}
     for name, (dtype, shape) in specs.items():
         path = Path(root) / f"{name}.npy"
         try:
-            array = np.load(path, allow_pickle=False)
+            array = np.load(path, allow_pickle=False, mmap_mode="r" if name in mapped else None)
         except (OSError, ValueError, EOFError) as exc:
             raise ModelFileError(f"{path} is missing or corrupt ({exc}); save the index again.") from exc
         wrong_shape = array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape))

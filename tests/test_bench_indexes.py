@@ -48,6 +48,7 @@ def test_every_setting_is_measured_in_each_part(smoke):
         assert by[part]["faiss flat"]["recall@10_vs_exact"] == 1.0
         assert by[part]["exact"]["bytes_per_vector"] == 384 * 4
         assert by[part]["binary 1-bit"]["bytes_per_vector"] == 384 / 8  # codes only: float32 / 32
+        assert by[part]["binary 1-bit rescored"]["bytes_per_vector"] == 384 / 8  # the floats are on disk
     scifact = by["scifact"]
     assert 0 < scifact["exact"]["ndcg@10"] <= 100
     assert scifact["faiss flat"]["ndcg@10"] == pytest.approx(scifact["exact"]["ndcg@10"], abs=0.01)

@@ -114,13 +114,16 @@ def test_rescoring_needs_the_vectors():
 
 
 class TestBinaryFollowsTheIndexContract(IndexContract):
-    @pytest.fixture(params=[(1, True), (2, False), (4, True)], ids=["1bit-rescored", "2bit-codes", "4bit-rescored"])
+    @pytest.fixture(
+        params=[(1, True, False), (2, False, False), (4, True, False), (1, True, True)],
+        ids=["1bit-rescored", "2bit-codes", "4bit-rescored", "1bit-rescored-from-disk"],
+    )
     def make_index(self, request):
-        bits, rescore = request.param
+        bits, rescore, on_disk = request.param
         self.exact = False
         # at dim 8, 1-bit codes tie often; oversampling the whole test index keeps the
         # rescored variants exact and lets each stored vector find itself
-        return lambda dim: BinaryIndex(dim=dim, bits=bits, rescore=rescore, oversample=50)
+        return lambda dim: BinaryIndex(dim=dim, bits=bits, rescore=rescore, oversample=50, vectors_on_disk=on_disk)
 
 
 def test_an_index_of_another_format_version_is_refused(tmp_path):
@@ -141,3 +144,24 @@ def test_an_index_of_another_format_version_is_refused(tmp_path):
     (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelFileError, match="format 99; this version of 'binary' reads format 1"):
         BinaryIndex.load(tmp_path / "idx")
+
+
+def test_vectors_on_disk_rescore_the_same_while_the_index_holds_only_codes(tmp_path):
+    ids, data, queries = planted(n=1000, dim=128)
+    in_memory, on_disk = BinaryIndex(dim=128, oversample=10), BinaryIndex(dim=128, oversample=10, vectors_on_disk=True)
+    for index in (in_memory, on_disk):
+        index.add(ids[:600], data[:600])
+        index.add(ids[600:], data[600:])
+        index.delete(ids[990:])
+    assert on_disk.nbytes == 990 * 128 // 8, "codes only: the vectors are on disk"
+    assert in_memory.nbytes == 990 * (128 // 8 + 128 * 4)
+    expected = in_memory.search(queries, 10)
+    found = on_disk.search(queries, 10)
+    assert found.ids == expected.ids
+    np.testing.assert_allclose(found.scores, expected.scores, atol=1e-6)
+    on_disk.save(tmp_path / "idx")
+    loaded = BinaryIndex.load(tmp_path / "idx")
+    assert loaded.vectors_on_disk and loaded.nbytes == on_disk.nbytes
+    assert loaded.search(queries, 10).ids == expected.ids
+    with pytest.raises(OptionError, match="vectors_on_disk"):
+        BinaryIndex(dim=8, rescore=False, keep_vectors=False, vectors_on_disk=True)

@@ -65,3 +65,48 @@ def test_embplex_index_builds_saves_and_reuses_every_index(name, tmp_path, tiny_
     assert "reusing the saved index" in second
     hits = lambda out: [line for line in out.splitlines() if line.strip().startswith(("1.", "2."))]  # noqa: E731
     assert hits(second) == hits(first) and len(hits(first)) == 2
+
+
+# -- the extended suite catches an index that breaks the new promises ----------------------
+
+from embplex.plugins.index.exact import ExactIndex  # noqa: E402
+
+CONTRACT_FAILED = (AssertionError, pytest.fail.Exception)
+
+
+class IgnoresFilters(ExactIndex):
+    """Broken on purpose: takes a filter and answers as if there were none."""
+
+    def search(self, queries, k, *, filter=None, rescore=None):
+        return super().search(queries, k)
+
+
+class RescoresWrongly(ExactIndex):
+    """Broken on purpose: claims to rescore but halves every score."""
+
+    def search(self, queries, k, *, filter=None, rescore=None):
+        result = super().search(queries, k, filter=filter)
+        if rescore:
+            result.scores = result.scores / 2
+        return result
+
+
+class WithoutMemory(ExactIndex):
+    """Broken on purpose: says it holds nothing."""
+
+    @property
+    def nbytes(self):
+        return 0
+
+
+def test_the_suite_catches_an_index_that_ignores_filters_rescores_wrongly_or_hides_its_memory(tmp_path):
+    contract = IndexContract()
+    with pytest.raises(CONTRACT_FAILED):
+        contract.test_a_filter_keeps_only_matching_items(lambda dim: IgnoresFilters(dim=dim), tmp_path)
+    with pytest.raises(CONTRACT_FAILED):
+        contract.test_rescoring_gives_the_float_scores_or_is_refused(lambda dim: RescoresWrongly(dim=dim))
+    with pytest.raises(CONTRACT_FAILED):
+        contract.test_nbytes_counts_the_memory_the_items_take(lambda dim: WithoutMemory(dim=dim))
+    # ...while the honest index passes each of them
+    contract.test_a_filter_keeps_only_matching_items(lambda dim: ExactIndex(dim=dim), tmp_path / "honest")
+    contract.test_rescoring_gives_the_float_scores_or_is_refused(lambda dim: ExactIndex(dim=dim))

@@ -22,6 +22,10 @@ one), so the codes take exactly 1/32 of float32's memory.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -80,6 +84,56 @@ def hamming(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return distances
 
 
+class DiskVectors:
+    """Float32 rows in a private temporary file, memory-mapped read-only: rescoring reads
+    the few rows it needs through the page cache, and the index holds none of them.
+    Adds append to the file; deletes rewrite it."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.rows = dim, 0
+        self._path: Path | None = None  # created on the first add: the constructor stays cheap
+        self.view: np.ndarray = np.zeros((0, dim), dtype=np.float32)
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            folder = tempfile.mkdtemp(prefix="embplex-binary-")
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            self._path = Path(folder) / "vectors.f32"
+            self._path.touch()
+        return self._path
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.dim)
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        return np.asarray(self.view[rows])
+
+    def append(self, matrix: np.ndarray, block: int = 65536) -> None:
+        with self.path.open("ab") as handle:
+            for start in range(0, len(matrix), block):
+                handle.write(np.ascontiguousarray(matrix[start : start + block], dtype=np.float32).tobytes())
+        self.rows += len(matrix)
+        self._map()
+
+    def keep(self, rows: np.ndarray, block: int = 65536) -> None:
+        staging = self.path.with_suffix(".new")
+        with staging.open("wb") as handle:
+            for start in range(0, len(rows), block):
+                handle.write(np.ascontiguousarray(self.view[rows[start : start + block]]).tobytes())
+        self.view = np.zeros((0, self.dim), dtype=np.float32)  # release the old mapping first
+        os.replace(staging, self.path)
+        self.rows = len(rows)
+        self._map()
+
+    def _map(self) -> None:
+        self.view = (
+            np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
+            if self.rows else np.zeros((0, self.dim), dtype=np.float32)
+        )
+
+
 class BinaryIndex(Index):
     """Packed sign planes (``bits`` per dimension) with optional float rescoring."""
 
@@ -91,6 +145,7 @@ class BinaryIndex(Index):
         rescore: bool = True,
         oversample: int = 4,
         keep_vectors: bool = True,
+        vectors_on_disk: bool = False,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise OptionError(f"index 'binary' needs dim, the embedding width, as a positive integer (got {dim!r}).")
@@ -106,13 +161,16 @@ class BinaryIndex(Index):
                 "to search the codes alone."
             )
         self.dim, self.metric, self.bits = int(dim), metric, bits
+        if vectors_on_disk and not keep_vectors:
+            raise OptionError("index 'binary' vectors_on_disk=true needs keep_vectors=true (it says where they are kept).")
         self.rescore, self.oversample, self.keep_vectors = rescore, oversample, keep_vectors
+        self.vectors_on_disk = vectors_on_disk
         self._items = ItemTable()
         width = (self.dim + 7) // 8
         self._planes = np.zeros((bits, 0, width), dtype=np.uint8)
         # 1 bit: no scales kept (ranking by sign agreement needs none)
         self._scales = np.zeros((self._scale_planes, 0), dtype=np.float32)
-        self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        self._vectors: Any = DiskVectors(self.dim) if vectors_on_disk else np.zeros((0, self.dim), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -125,7 +183,8 @@ class BinaryIndex(Index):
     def nbytes(self) -> int:
         """Packed planes (``bits · dim / 8`` bytes per item), their scales when
         ``bits > 1`` (4 bytes per plane) and the float vectors when kept."""
-        return int(self._planes.nbytes + self._scales.nbytes + self._vectors.nbytes)
+        vectors = 0 if self.vectors_on_disk else self._vectors.nbytes
+        return int(self._planes.nbytes + self._scales.nbytes + vectors)
 
     # -- contents ------------------------------------------------------------------------
 
@@ -135,7 +194,9 @@ class BinaryIndex(Index):
         planes, scales = binarize(matrix, self.bits)
         self._planes = np.concatenate([self._planes, planes], axis=1)
         self._scales = np.concatenate([self._scales, scales[: self._scale_planes]], axis=1)
-        if self.keep_vectors:
+        if self.vectors_on_disk:
+            self._vectors.append(matrix)
+        elif self.keep_vectors:
             self._vectors = np.concatenate([self._vectors, matrix])
         self._items.append(ids, metadata)
 
@@ -143,7 +204,9 @@ class BinaryIndex(Index):
         doomed = self._items.rows_of(ids)
         keep = np.setdiff1d(np.arange(len(self)), doomed)
         self._planes, self._scales = self._planes[:, keep], self._scales[:, keep]
-        if self.keep_vectors:
+        if self.vectors_on_disk:
+            self._vectors.keep(keep)
+        elif self.keep_vectors:
             self._vectors = self._vectors[keep]
         self._items.keep_rows(keep)
 
@@ -203,7 +266,8 @@ class BinaryIndex(Index):
         """``planes.npy``, ``scales.npy``, ``vectors.npy`` and ``index.json`` (options,
         ids, metadata), checksummed by the core."""
         with embplex.storage.saving_index(path, self, "binary") as root:
-            save_arrays(root, {"planes": self._planes, "scales": self._scales, "vectors": self._vectors})
+            vectors = self._vectors.view if self.vectors_on_disk else self._vectors
+            save_arrays(root, {"planes": self._planes, "scales": self._scales, "vectors": vectors})
             embplex.storage.write_json(
                 root / "index.json",
                 {"format": FORMAT_VERSION, "index": "binary", **self._options(), **self._items.to_json()},
@@ -211,7 +275,8 @@ class BinaryIndex(Index):
 
     def _options(self) -> dict[str, Any]:
         return {"dim": self.dim, "metric": self.metric, "bits": self.bits, "rescore": self.rescore,
-                "oversample": self.oversample, "keep_vectors": self.keep_vectors}
+                "oversample": self.oversample, "keep_vectors": self.keep_vectors,
+                "vectors_on_disk": self.vectors_on_disk}
 
     @classmethod
     def load(cls, path: str | Path) -> "BinaryIndex":
@@ -219,7 +284,8 @@ class BinaryIndex(Index):
         manifest = embplex.storage.verify_index(root, "binary")
         meta = read_description(root, "binary", (FORMAT_VERSION,))
         try:
-            index = cls(**{key: meta[key] for key in ("dim", "metric", "bits", "rescore", "oversample", "keep_vectors")})
+            options = ("dim", "metric", "bits", "rescore", "oversample", "keep_vectors", "vectors_on_disk")
+            index = cls(**{key: meta[key] for key in options})
             items = ItemTable.from_json(meta)
         except (KeyError, OptionError, InputError) as exc:
             raise ModelFileError(f"{root / 'index.json'} is corrupt ({exc}); save the index again.") from exc
@@ -228,10 +294,14 @@ class BinaryIndex(Index):
             "planes": (np.uint8, (index.bits, n, width)),
             "scales": (np.float32, (index._scale_planes, n)),
             "vectors": (np.float32, (n if index.keep_vectors else 0, index.dim)),
-        })
+        }, mapped=("vectors",) if index.vectors_on_disk else ())
         if manifest["size"] != n:
             raise ModelFileError(f"{root}: index.json lists {n} items, the manifest {manifest['size']}; save it again.")
-        index._items, index._planes, index._scales, index._vectors = items, arrays["planes"], arrays["scales"], arrays["vectors"]
+        index._items, index._planes, index._scales = items, arrays["planes"], arrays["scales"]
+        if index.vectors_on_disk:  # a private copy: the saved file never changes under its checksum
+            index._vectors.append(arrays["vectors"])
+        else:
+            index._vectors = arrays["vectors"]
         index.built_from = manifest["built_from"]
         return index
 
