@@ -46,6 +46,9 @@ class MuveraIndex(Index):
     product in an inner single-vector index and ranks them by exact Chamfer similarity
     ``sum_q max_d <q, d>`` (on unit vectors with ``metric: cosine``)."""
 
+    #: It stores sets of vectors, not one vector per item (suites of single-vector checks skip it).
+    multi_vector = True
+
     def __init__(
         self,
         dim: int | None = None,
@@ -136,6 +139,15 @@ class MuveraIndex(Index):
     @property
     def ids(self) -> list[str]:
         return list(self._ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the stored sets (kept for re-ranking) and the inner index hold."""
+        try:
+            inner = int(self._inner.nbytes)
+        except (AttributeError, NotImplementedError):  # an inner index that does not say
+            inner = len(self) * self.fde_dim * 4
+        return int(self._vectors.numel() * self._vectors.element_size() + self._offsets.numel() * 8) + inner
 
     def nbytes_per_item(self) -> dict[str, float]:
         """Mean bytes per stored item: its vectors (for re-ranking) and its FDE."""
