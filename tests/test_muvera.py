@@ -323,3 +323,14 @@ def test_an_inner_index_that_finds_too_few_candidates_does_not_shorten_the_resul
     exact = muvera(8, candidates=None)
     exact.add([f"d{i}" for i in range(12)], documents)
     assert result.ids == exact.search(documents[:2], k=5).ids and result.scores.shape == (2, 5)
+
+
+def test_nbytes_counts_the_stored_sets_and_the_fdes():
+    index = muvera(8, k_sim=2, r_reps=3, d_proj=4)
+    empty = index.nbytes
+    documents, _ = topic_sets(10, 8, seed=12)
+    index.add([f"d{i}" for i in range(10)], documents)
+    vectors = sum(len(d) for d in documents) * 8 * 4
+    assert index.nbytes - empty >= vectors + 10 * 48 * 4 - 8  # the sets and one 48-wide FDE each
+    assert index.nbytes_per_item() == {"vectors": vectors / 10, "fde": 48 * 4.0}
+    assert MuveraIndex.multi_vector is True

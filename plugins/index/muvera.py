@@ -46,7 +46,8 @@ class MuveraIndex(Index):
     product in an inner single-vector index and ranks them by exact Chamfer similarity
     ``sum_q max_d <q, d>`` (on unit vectors with ``metric: cosine``)."""
 
-    multi_vector = True  # a set of vectors per item: IndexContract (one vector per item) does not apply
+    #: It stores sets of vectors, not one vector per item (suites of single-vector checks skip it).
+    multi_vector = True
 
     def __init__(
         self,
@@ -141,8 +142,12 @@ class MuveraIndex(Index):
 
     @property
     def nbytes(self) -> int:
-        """The stored vector sets (for re-ranking) plus the inner index of FDEs."""
-        return int(self._vectors.numel() * 4) + int(self._inner.nbytes)
+        """Bytes of memory the stored sets (kept for re-ranking) and the inner index hold."""
+        try:
+            inner = int(self._inner.nbytes)
+        except (AttributeError, NotImplementedError):  # an inner index that does not say
+            inner = len(self) * self.fde_dim * 4
+        return int(self._vectors.numel() * self._vectors.element_size() + self._offsets.numel() * 8) + inner
 
     def nbytes_per_item(self) -> dict[str, float]:
         """Mean bytes per stored item: its vectors (for re-ranking) and its FDE."""
