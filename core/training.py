@@ -394,6 +394,7 @@ class Trainer:
             raise InputError("no training examples; check the data config.")
         self.model = model
         self.loss = loss
+        loss.bind(model)  # a prefix wider than the model, a layer it lacks: refused now
         self.sampler = sampler
         self.settings = settings
         self.output_dir = Path(output_dir)
