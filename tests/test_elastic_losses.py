@@ -122,3 +122,144 @@ class TestCachedInfoNCEContract(LossContract):
     @pytest.fixture
     def loss(self):
         return embplex.load_registry().create("loss", "cached_infonce", mini_batch_size=3)
+
+
+# ---------------------------------------------------------------------------
+# matryoshka
+# ---------------------------------------------------------------------------
+
+
+def test_matryoshka_is_the_weighted_sum_of_the_inner_loss_over_normalised_prefixes(registry, model, batch):
+    model.eval()
+    loss = registry.create("loss", "matryoshka", dims=[8, 32, 16], weights=[0.5, 1.0, 2.0])
+    assert loss.dims == [32, 16, 8] and loss.weights == [1.0, 2.0, 0.5]
+    infonce = registry.create("loss", "infonce")
+    with torch.no_grad():
+        full = {role: e[None] for role, e in model.embed_roles(batch).items()}
+        expected = sum(
+            w * infonce.compute({r: torch.nn.functional.normalize(e[:, :d], dim=-1) for r, e in full.items()}, batch)
+            for d, w in [(32, 1.0), (16, 2.0), (8, 0.5)]
+        )
+        assert float(loss(model, batch)) == pytest.approx(float(expected), abs=1e-5)
+    assert loss.recommended_sizes(model) == [(3, 8), (3, 16), (3, 32)]
+
+
+def test_matryoshka_refuses_a_prefix_wider_than_the_model_before_training(registry, model, tmp_path):
+    from embplex.training import TrainSettings, train
+
+    loss = registry.create("loss", "matryoshka", dims=[64, 16])
+    with pytest.raises(OptionError, match=r"prefix of 64.*32 wide"):
+        train(model, tiny_examples(4), loss, registry.create("sampler", "random"), TrainSettings(batch_size=2, max_steps=1, progress_bar=False, tensorboard=False), tmp_path)
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"dims": []}, "dims must be"),
+        ({"dims": [16, 0]}, "dims must be"),
+        ({"dims": [16, 16]}, "dims must be"),
+        ({"dims": [16, 8], "weights": [1.0]}, "weights must be 2"),
+        ({"dims": [16], "weights": [float("nan")]}, "weights must be"),
+    ],
+)
+def test_matryoshka_refuses_bad_dims_and_weights(registry, options, match):
+    with pytest.raises(OptionError, match=match):
+        registry.create("loss", "matryoshka", **options)
+
+
+@pytest.mark.parametrize("name", ["matryoshka", "matryoshka_2d"])
+def test_an_inner_loss_that_does_not_exist_is_refused(registry, name):
+    with pytest.raises(UnknownComponentError, match="loss.inner: No loss plugin named 'infonse'"):
+        registry.create("loss", name, inner="infonse")
+
+
+class TestMatryoshkaContract(LossContract):
+    @pytest.fixture
+    def loss(self):
+        return embplex.load_registry().create("loss", "matryoshka", dims=[8, 4, 2])
+
+
+# ---------------------------------------------------------------------------
+# matryoshka_2d
+# ---------------------------------------------------------------------------
+
+
+def test_matryoshka_2d_equals_sentence_transformers_on_the_same_layer(registry, model, batch, tiny_path, monkeypatch):
+    """sentence-transformers' Matryoshka2dLoss with one dim (so it samples none), one
+    earlier layer weighted 1/(1+k) and KL at 0.3, against ours with the same layer."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.sentence_transformer.losses import adaptive_layer
+
+    layer = 2
+    st = SentenceTransformer(modules=[Transformer(tiny_path), Pooling(32, "mean"), Normalize()], device="cpu")
+    st.eval()
+    model.eval()
+    st_loss = losses.Matryoshka2dLoss(
+        st, losses.MultipleNegativesRankingLoss(st, scale=20.0), [16], layer_weighting="linear"
+    )
+    monkeypatch.setattr(adaptive_layer.random, "sample", lambda population, k: [layer])
+    roles = [[e.anchor for e in batch.examples], [e.positive for e in batch.examples], [e.negatives[0] for e in batch.examples]]
+    with torch.enable_grad():
+        theirs = st_loss([st.tokenize(texts) for texts in roles], torch.zeros(BATCH))
+        theirs.backward()
+    ours_loss = registry.create("loss", "matryoshka_2d", dims=[16])
+    monkeypatch.setattr(ours_loss, "sample_layer", lambda depth: layer)
+    value, grads = _run(ours_loss, model, batch)
+    assert value == pytest.approx(float(theirs.detach()), abs=1e-5)
+    their_grads = {name.split(".", 2)[2]: p.grad for name, p in st.named_parameters() if p.grad is not None}
+    ours = {name.split(".", 2)[2]: g for name, g in grads.items()}
+    assert their_grads.keys() == ours.keys()
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, their_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_matryoshka_2d_draws_an_earlier_layer_from_its_seed_and_counter(registry):
+    loss = registry.create("loss", "matryoshka_2d", dims=[16], seed=3)
+    drawn = [loss.sample_layer(6) for _ in range(40)]
+    assert set(drawn) == {1, 2, 3, 4, 5} and int(loss.draws) == 40
+    again = registry.create("loss", "matryoshka_2d", dims=[16], seed=3)
+    again.load_state_dict({"draws": torch.tensor(20)} | {k: v for k, v in again.state_dict().items() if k != "draws"})
+    assert [again.sample_layer(6) for _ in range(20)] == drawn[20:]
+
+
+def test_matryoshka_2d_resumes_exactly(registry, tiny_path, tmp_path, inner="infonce"):
+    """Killed after step 2 and resumed: the same layers drawn, the same final weights."""
+    from embplex.training import TrainSettings, train
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(step):
+        def callback(info):
+            if info.step == step:
+                raise Killed
+        return callback
+
+    def run(output, callbacks=()):
+        model = embplex.compose({"name": "hf_encoder", "path": tiny_path}, pooling="mean")
+        loss = registry.create("loss", "matryoshka_2d", dims=[32, 8], inner=inner)
+        drawn = []
+        original = loss.sample_layer
+        loss.sample_layer = lambda depth: drawn.append(original(depth)) or drawn[-1]
+        settings = TrainSettings(batch_size=3, max_steps=4, checkpoint_every=2, lr=1e-3, progress_bar=False, tensorboard=False)
+        result = train(model, tiny_examples(12), loss, registry.create("sampler", "random"), settings, output, registry=registry, callbacks=callbacks)
+        return result, drawn
+
+    straight, straight_layers = run(tmp_path / "straight")
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed", [kill_at(3)])
+    resumed, resumed_layers = run(tmp_path / "resumed")
+    assert resumed.resumed_from is not None
+    assert resumed_layers == straight_layers[2:]
+    expected = embplex.load(straight.model_path).state_dict()
+    for name, tensor in embplex.load(resumed.model_path).state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+class TestMatryoshka2dContract(LossContract):
+    @pytest.fixture
+    def loss(self):
+        return embplex.load_registry().create("loss", "matryoshka_2d", dims=[8, 4])
