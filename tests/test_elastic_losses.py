@@ -168,7 +168,7 @@ def test_matryoshka_refuses_bad_dims_and_weights(registry, options, match):
         registry.create("loss", "matryoshka", **options)
 
 
-@pytest.mark.parametrize("name", ["matryoshka", "matryoshka_2d"])
+@pytest.mark.parametrize("name", ["matryoshka", "matryoshka_2d", "starbucks", "projection_head"])
 def test_an_inner_loss_that_does_not_exist_is_refused(registry, name):
     with pytest.raises(UnknownComponentError, match="loss.inner: No loss plugin named 'infonse'"):
         registry.create("loss", name, inner="infonse")
@@ -263,3 +263,99 @@ class TestMatryoshka2dContract(LossContract):
     @pytest.fixture
     def loss(self):
         return embplex.load_registry().create("loss", "matryoshka_2d", dims=[8, 4])
+
+
+# ---------------------------------------------------------------------------
+# starbucks
+# ---------------------------------------------------------------------------
+
+
+def test_starbucks_sums_every_pair_with_its_alignment_to_the_full_model(registry, model, batch):
+    model.eval()
+    pairs = [[1, 8], [2, 16], [3, 32]]
+    loss = registry.create("loss", "starbucks", pairs=pairs)
+    assert loss.recommended_sizes(model) == [(1, 8), (2, 16), (3, 32)]
+    infonce = registry.create("loss", "infonce")
+    norm = torch.nn.functional.normalize
+    with torch.no_grad():
+        by_layer = model.embed_roles(batch, layers=[1, 2, None])
+        expected = 0.0
+        for layer, dim in [(1, 8), (2, 16), (None, 32)]:
+            pair = {r: norm(e[layer][:, :dim], dim=-1) for r, e in by_layer.items()}
+            expected += float(infonce.compute(pair, batch))
+            if layer is not None:  # KL(full ‖ pair) over the pair's coordinates, T = 0.3
+                student = torch.cat(list(pair.values())) / 0.3
+                teacher = torch.cat([norm(e[None][:, :dim], dim=-1) for e in by_layer.values()]) / 0.3
+                p = teacher.softmax(-1)
+                kl = (p * (p.log() - student.log_softmax(-1))).sum(-1).mean()
+                expected += 0.3 * float(kl)
+        assert float(loss(model, batch)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_starbucks_default_pairs_scale_the_reference_ladder_to_minilm(registry):
+    loss = registry.create("loss", "starbucks")
+    assert loss.pairs == [(1, 32), (2, 64), (3, 128), (4, 192), (5, 256), (6, 384)]
+
+
+@pytest.mark.parametrize(
+    "pairs, match",
+    [([], "pairs is empty"), ([[1, 8, 2]], "not a .layer, dim. pair"), ([[0, 8]], "not a .layer, dim. pair"), ([[1, 8], [1, 8]], "twice")],
+)
+def test_starbucks_refuses_bad_pairs(registry, pairs, match):
+    with pytest.raises(OptionError, match=match):
+        registry.create("loss", "starbucks", pairs=pairs)
+
+
+@pytest.mark.parametrize("pair, match", [([4, 8], "has 3 layers"), ([2, 64], "32-wide")])
+def test_starbucks_refuses_a_pair_beyond_the_model_before_training(registry, model, pair, match):
+    loss = registry.create("loss", "starbucks", pairs=[[1, 8], pair])
+    with pytest.raises(OptionError, match=match):
+        loss.bind(model)
+
+
+class TestStarbucksContract(LossContract):
+    @pytest.fixture
+    def loss(self):
+        return embplex.load_registry().create("loss", "starbucks", pairs=[[1, 4], [2, 8]])
+
+
+# ---------------------------------------------------------------------------
+# projection_head
+# ---------------------------------------------------------------------------
+
+
+def test_projection_head_trains_a_head_that_the_saved_model_never_contains(registry, tiny_path, tmp_path):
+    from safetensors.torch import load_file
+
+    from embplex.training import TrainSettings, train
+
+    model = embplex.compose({"name": "hf_encoder", "path": tiny_path}, pooling="mean")
+    loss = registry.create("loss", "projection_head", hidden_dim=24, output_dim=16)
+    settings = TrainSettings(batch_size=3, max_steps=2, lr=1e-2, progress_bar=False, tensorboard=False)
+    result = train(model, tiny_examples(6), loss, registry.create("sampler", "random"), settings, tmp_path, registry=registry)
+    untrained = registry.create("loss", "projection_head", hidden_dim=24, output_dim=16)
+    untrained.build(32)
+    assert not torch.equal(loss.head[0].weight.cpu(), untrained.head[0].weight), "the head trained"
+    saved = [load_file(str(f)) for f in result.model_path.rglob("*.safetensors")]
+    shapes = {tuple(t.shape) for state in saved for t in state.values()}
+    names = [name for state in saved for name in state]
+    assert (24, 32) not in shapes and (16, 24) not in shapes and not any("head" in n for n in names)
+    # the vectors served are the pre-head ones: the trained encoder's own embeddings
+    texts = ["alpha beta", "gamma delta epsilon"]
+    served = embplex.load(result.model_path).encode(texts, convert_to="torch")
+    model.eval()
+    with torch.no_grad():
+        pre_head = model.embed(model.backbone.tokenize(texts))[None]
+        assert served.shape == (2, 32)
+        torch.testing.assert_close(served, pre_head, atol=1e-5, rtol=0)
+
+
+def test_projection_head_refuses_a_bad_width(registry):
+    with pytest.raises(OptionError, match="hidden_dim"):
+        registry.create("loss", "projection_head", hidden_dim=0)
+
+
+class TestProjectionHeadContract(LossContract):
+    @pytest.fixture
+    def loss(self):
+        return embplex.load_registry().create("loss", "projection_head")

@@ -62,6 +62,9 @@ class Matryoshka2d(Loss):
         # continues the same sequence of layers
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
+    def embed(self, model, batch, layers=(None,)):
+        return self.prefixes.embed(model, batch, layers)
+
     def bind(self, model: "embplex.EmbeddingModel") -> None:
         self.prefixes.bind(model)
 
