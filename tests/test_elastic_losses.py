@@ -359,3 +359,30 @@ class TestProjectionHeadContract(LossContract):
     @pytest.fixture
     def loss(self):
         return embplex.load_registry().create("loss", "projection_head")
+
+
+# ---------------------------------------------------------------------------
+# wrapping losses around cached_infonce
+# ---------------------------------------------------------------------------
+
+WRAPPERS = [
+    ("matryoshka", {"dims": [32, 8]}),
+    ("matryoshka_2d", {"dims": [32, 8]}),
+    ("starbucks", {"pairs": [[1, 8], [2, 16], [3, 32]]}),
+    ("projection_head", {}),
+]
+
+
+@pytest.mark.parametrize("name, options", WRAPPERS, ids=[w[0] for w in WRAPPERS])
+def test_wrapping_cached_infonce_gives_the_uncached_gradients(registry, model, batch, name, options):
+    """Without dropout and mini-batches of 2, then in train mode with dropout on and one
+    mini-batch per role: the cached composition's loss and gradients are the uncached one's."""
+    for mode, size in [("eval", 2), ("train", BATCH)]:
+        getattr(model, mode)()
+        runs = []
+        for inner in [{"name": "cached_infonce", "mini_batch_size": size}, "infonce"]:
+            loss = registry.create("loss", name, inner=inner, **options)
+            if name == "matryoshka_2d":
+                loss.sample_layer = lambda depth: 2
+            runs.append(_run(loss, model, batch))
+        _assert_same(*runs)
