@@ -179,6 +179,8 @@ def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
         prompt=settings.get("prompt"),
         truncation=settings["truncation"],
         show_progress=True,
+        layer=settings.get("layer"),
+        dim=settings.get("dim"),
     )
     target = output_dir(cfg) / settings["output"]
     # The vectors (the large file, the likely one to fail) replace theirs first; the ids

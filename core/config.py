@@ -200,6 +200,8 @@ class EncodeSection:
     output: str
     prompt: str | None
     truncation: Literal["warn", "silent", "error"]
+    layer: int | None = None
+    dim: int | None = None
 
 
 @dataclasses.dataclass

@@ -254,6 +254,8 @@ def test_matryoshka_2d_resumes_exactly(registry, tiny_path, tmp_path, inner="inf
     resumed, resumed_layers = run(tmp_path / "resumed")
     assert resumed.resumed_from is not None
     assert resumed_layers == straight_layers[2:]
+    # the saved model says which (layer, dim) pairs it was trained to serve
+    assert embplex.load(straight.model_path).recommended_sizes == [(1, 8), (1, 32), (2, 8), (2, 32), (3, 8), (3, 32)]
     expected = embplex.load(straight.model_path).state_dict()
     for name, tensor in embplex.load(resumed.model_path).state_dict().items():
         assert torch.equal(tensor, expected[name]), name
@@ -386,3 +388,32 @@ def test_wrapping_cached_infonce_gives_the_uncached_gradients(registry, model, b
                 loss.sample_layer = lambda depth: 2
             runs.append(_run(loss, model, batch))
         _assert_same(*runs)
+
+
+# ---------------------------------------------------------------------------
+# serving: embplex encode encode.layer=... encode.dim=...
+# ---------------------------------------------------------------------------
+
+
+def test_encode_serves_any_layer_and_prefix_of_a_saved_model(capsys, tmp_path, tiny_path):
+    import numpy as np
+
+    from embplex.cli import main
+
+    model = embplex.compose({"name": "hf_encoder", "path": tiny_path}, pooling="mean")
+    model.recommended_sizes = [(2, 16), (3, 32)]
+    model.save(tmp_path / "model")
+    assert embplex.load(tmp_path / "model").recommended_sizes == [(2, 16), (3, 32)]
+    source = tmp_path / "texts.txt"
+    source.write_text("alpha beta\ngamma delta epsilon\n")
+    common = [f"model.load={tmp_path / 'model'}", f"encode.input={source}", f"output_dir={tmp_path}"]
+    assert main(["encode", *common, "encode.layer=2", "encode.dim=16"]) == 0
+    vectors = np.load(tmp_path / "embeddings.npy")
+    expected = model.encode(["alpha beta", "gamma delta epsilon"], layer=2, dim=16)
+    assert vectors.shape == (2, 16)
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert not np.allclose(vectors, model.encode(["alpha beta", "gamma delta epsilon"], dim=16), atol=1e-3)
+    capsys.readouterr()
+    for override, message in [("encode.layer=4", "layer=4 is not a layer"), ("encode.dim=64", "dim must be between 1 and")]:
+        assert main(["encode", *common, override]) != 0
+        assert message in capsys.readouterr().err
