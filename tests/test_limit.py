@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+import embplex
 from embplex.errors import OptionError
 from embplex.limit import generate
 
@@ -68,3 +69,41 @@ def test_eval_data_limit_reports_recall_at_2_10_and_100(capsys, tmp_path, tiny_b
     assert results["recall@10"] == results["recall@100"] == 100  # 8 documents: all of them are in the top 10
     assert results["recall@2"] <= results["recall@10"]
     assert math.isfinite(results["ndcg@10"])
+
+
+def test_the_free_embedding_search_finds_the_largest_solved_n(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("free_embedding", Path(__file__).parents[1] / "benchmarks" / "free_embedding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # the search alone, against a known threshold: solved exactly when n <= 13
+    monkeypatch.setattr(module, "solve", lambda n, d, k=2, **_: {"n": n, "solved": n <= 13})
+    n, runs = module.critical_n(4)
+    assert n == 13 and [r["n"] for r in runs][:3] == [5, 10, 20]
+    # and one real optimisation: 3 points on a circle, every pair a query's top 2
+    assert module.solve(3, 2, steps=300)["solved"]
+
+
+def test_the_elastic_study_runs_in_smoke_mode(tmp_path, tiny_bert_path, data_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    output = tmp_path / "elastic.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/elastic.py", "--smoke", "--losses", "matryoshka_2d", "--output", str(output),
+         f"backbone.path={tiny_bert_path}", f"output_dir={tmp_path / 'runs'}", f"data.root={data_dir}"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["smoke"] is True and set(result["grids"]) == {"untrained", "matryoshka_2d"}
+    for grid in result["grids"].values():
+        assert set(grid) == {"stsb_spearman", "limit_recall@2", "limit_recall@10", "limit_recall@100"}
+        assert set(grid["stsb_spearman"]) == {"1,32", "3,32"}  # layers 1 and 3, the tiny model is 32 wide
+        assert all(math.isfinite(cell["value"]) and len(cell["ci"]) == 2 for cell in grid["limit_recall@2"].values())
+    trained = embplex.load(tmp_path / "runs" / "matryoshka_2d" / "model")
+    assert trained.recommended_sizes == [(1, 32), (2, 32), (3, 32)]
