@@ -225,40 +225,59 @@ def test_matryoshka_2d_draws_an_earlier_layer_from_its_seed_and_counter(registry
     assert [again.sample_layer(6) for _ in range(20)] == drawn[20:]
 
 
-def test_matryoshka_2d_resumes_exactly(registry, tiny_path, tmp_path, inner="infonce"):
-    """Killed after step 2 and resumed: the same layers drawn, the same final weights."""
+class Killed(Exception):
+    pass
+
+
+def _straight_and_resumed(registry, tiny_path, tmp_path, make_loss):
+    """The same 4-step run uninterrupted, and killed after step 3 (checkpoint at 2) then
+    resumed; ``make_loss`` builds a fresh loss per run. Returns both results and losses."""
     from embplex.training import TrainSettings, train
 
-    class Killed(Exception):
-        pass
-
-    def kill_at(step):
-        def callback(info):
-            if info.step == step:
-                raise Killed
-        return callback
+    def kill_at_3(info):
+        if info.step == 3:
+            raise Killed
 
     def run(output, callbacks=()):
         model = embplex.compose({"name": "hf_encoder", "path": tiny_path}, pooling="mean")
-        loss = registry.create("loss", "matryoshka_2d", dims=[32, 8], inner=inner)
-        drawn = []
-        original = loss.sample_layer
-        loss.sample_layer = lambda depth: drawn.append(original(depth)) or drawn[-1]
+        loss = make_loss()
         settings = TrainSettings(batch_size=3, max_steps=4, checkpoint_every=2, lr=1e-3, progress_bar=False, tensorboard=False)
-        result = train(model, tiny_examples(12), loss, registry.create("sampler", "random"), settings, output, registry=registry, callbacks=callbacks)
-        return result, drawn
+        sampler = registry.create("sampler", "random")
+        return train(model, tiny_examples(12), loss, sampler, settings, output, registry=registry, callbacks=callbacks), loss
 
-    straight, straight_layers = run(tmp_path / "straight")
+    straight = run(tmp_path / "straight")
     with pytest.raises(Killed):
-        run(tmp_path / "resumed", [kill_at(3)])
-    resumed, resumed_layers = run(tmp_path / "resumed")
-    assert resumed.resumed_from is not None
-    assert resumed_layers == straight_layers[2:]
+        run(tmp_path / "resumed", [kill_at_3])
+    resumed = run(tmp_path / "resumed")
+    assert resumed[0].resumed_from is not None
+    expected = embplex.load(straight[0].model_path).state_dict()
+    for name, tensor in embplex.load(resumed[0].model_path).state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    return straight, resumed
+
+
+def test_matryoshka_2d_resumes_exactly(registry, tiny_path, tmp_path):
+    """Killed after step 3 and resumed from step 2: the same layers drawn, the same weights."""
+    drawn: dict[int, list] = {}
+
+    def make_loss():
+        loss = registry.create("loss", "matryoshka_2d", dims=[32, 8])
+        layers = drawn.setdefault(len(drawn), [])
+        original = loss.sample_layer
+        loss.sample_layer = lambda depth: layers.append(original(depth)) or layers[-1]
+        return loss
+
+    (straight, _), _ = _straight_and_resumed(registry, tiny_path, tmp_path, make_loss)
+    assert drawn[2] == drawn[0][2:]  # the resumed run draws what the straight run drew
     # the saved model says which (layer, dim) pairs it was trained to serve
     assert embplex.load(straight.model_path).recommended_sizes == [(1, 8), (1, 32), (2, 8), (2, 32), (3, 8), (3, 32)]
-    expected = embplex.load(straight.model_path).state_dict()
-    for name, tensor in embplex.load(resumed.model_path).state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
+
+
+def test_projection_head_resumes_exactly_with_its_head(registry, tiny_path, tmp_path):
+    make = lambda: registry.create("loss", "projection_head", hidden_dim=24, output_dim=16)  # noqa: E731
+    (_, straight_loss), (_, resumed_loss) = _straight_and_resumed(registry, tiny_path, tmp_path, make)
+    for name, tensor in straight_loss.state_dict().items():
+        assert torch.equal(resumed_loss.state_dict()[name], tensor), name
 
 
 class TestMatryoshka2dContract(LossContract):
