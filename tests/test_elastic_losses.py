@@ -457,3 +457,20 @@ def test_matryoshka_refuses_a_too_wide_prefix_even_outside_the_trainer(registry)
     embeddings = {"anchors": torch.randn(2, 8), "positives": torch.randn(2, 8)}
     with pytest.raises(OptionError, match="prefix of 16 of 8-wide"):
         registry.create("loss", "matryoshka", dims=[16, 4]).compute(embeddings, None)
+
+
+def test_the_sentence_transformers_export_serves_the_full_model_and_its_prefixes(tmp_path, model):
+    """The saved folder still loads in plain sentence-transformers; with truncate_dim it
+    gives the last layer's prefixes (not renormalised: the same cosines as ours)."""
+    from sentence_transformers import SentenceTransformer
+
+    model.recommended_sizes = [(1, 16), (3, 32)]
+    model.save(tmp_path / "model")
+    texts = ["alpha beta", "gamma delta epsilon", "zeta"]
+    full = SentenceTransformer(str(tmp_path / "model"), device="cpu").encode(texts)
+    short = SentenceTransformer(str(tmp_path / "model"), device="cpu", truncate_dim=16).encode(texts)
+    import numpy as np
+
+    np.testing.assert_allclose(full, model.encode(texts), atol=1e-5)
+    ours = model.encode(texts, dim=16)
+    np.testing.assert_allclose(short / np.linalg.norm(short, axis=1, keepdims=True), ours, atol=1e-5)
