@@ -134,6 +134,8 @@ def run_eval(
     model = model or build_model(cfg, registry)
     spec = cfg["data"]["eval"]
     settings = cfg["eval"]
+    if spec["task"] != "limit" and not spec.get("path"):
+        raise InputError(f"data.eval.path is not set; say where the {spec['task']} data is.")
     if spec["task"] == "sts":
         from .data import load_sts
 
@@ -141,10 +143,16 @@ def run_eval(
         results = evaluation.evaluate_sts(
             model, s1, s2, gold, batch_size=settings["batch_size"], bootstrap=settings["bootstrap"]
         )
-    elif spec["task"] == "retrieval":
-        from .data import load_beir
+    elif spec["task"] in ("retrieval", "limit"):
+        if spec["task"] == "limit":  # generated, not read (embplex.limit)
+            from .limit import generate
 
-        corpus, queries, qrels = load_beir(spec["path"], spec["split"])
+            options = ("documents", "queries", "relevant", "distractors", "items_per_document", "seed")
+            corpus, queries, qrels = generate(**{key: spec[key] for key in options if spec.get(key) is not None})
+        else:
+            from .data import load_beir
+
+            corpus, queries, qrels = load_beir(spec["path"], spec["split"])
         make_index = index_factory(cfg, registry)
 
         def make_and_keep(dim: int) -> Index:
@@ -161,9 +169,10 @@ def run_eval(
             make_and_keep,
             batch_size=settings["batch_size"],
             bootstrap=settings["bootstrap"],
+            **({"recall_at": (2, 10)} if spec["task"] == "limit" else {}),
         )
     else:
-        raise InputError(f"unknown evaluation task {spec['task']!r}; use 'sts' or 'retrieval'.")
+        raise InputError(f"unknown evaluation task {spec['task']!r}; use 'sts', 'retrieval' or 'limit'.")
     results["data"] = cfg["data"]["name"]
     if write:
         evaluation.write_results(output_dir(cfg) / settings["output"], results)
@@ -189,6 +198,8 @@ def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
         prompt=settings.get("prompt"),
         truncation=settings["truncation"],
         show_progress=True,
+        layer=settings.get("layer"),
+        dim=settings.get("dim"),
     )
     target = output_dir(cfg) / settings["output"]
     # The vectors (the large file, the likely one to fail) replace theirs first; the ids

@@ -550,8 +550,30 @@ class Loss(Component):
     teacher_scores: str | None = None
 
     def forward(self, model: "EmbeddingModel", batch: TrainingBatch) -> Tensor:
-        embeddings = model.embed_roles(batch)
+        embeddings = self.embed(model, batch)
         return self.compute({role: by_layer[None] for role, by_layer in embeddings.items()}, batch)
+
+    def embed(
+        self, model: "EmbeddingModel", batch: TrainingBatch, layers: Sequence[int | None] = (None,)
+    ) -> dict[str, dict[int | None, Tensor]]:
+        """How this loss wants the embeddings computed: each role's embeddings per layer,
+        as ``model.embed_roles(batch, layers)`` (the default) returns them. A loss that
+        controls the forward pass itself (GradCache) overrides it; a loss wrapping another
+        one asks its inner loss (``self.inner.embed(model, batch, layers=[...])``) instead
+        of calling ``model.embed_roles``, so the two compose."""
+        return model.embed_roles(batch, layers)
+
+    def bind(self, model: "EmbeddingModel") -> None:
+        """Check the options against the model to be trained, before any training step
+        (the trainer calls it once): raise :class:`~embplex.errors.OptionError` for a
+        prefix wider than ``model.dim`` or a layer the backbone does not have. A wrapping
+        loss calls its inner loss's ``bind`` too. Default: nothing to check."""
+
+    def recommended_sizes(self, model: "EmbeddingModel") -> list[tuple[int, int]] | None:
+        """The ``(layer, dim)`` pairs this loss trained the model to serve (elastic
+        losses), smallest first; the trainer records them in the saved model
+        (``EmbeddingModel.recommended_sizes``). ``None`` (the default): only the full model."""
+        return None
 
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
         """Loss from embeddings per role: ``anchors`` and ``positives`` ``[batch, dim]``,

@@ -201,6 +201,8 @@ class EncodeSection:
     output: str
     prompt: str | None
     truncation: Literal["warn", "silent", "error"]
+    layer: int | None = None
+    dim: int | None = None
 
 
 @dataclasses.dataclass
@@ -219,9 +221,15 @@ class SearchSection:
 
 @dataclasses.dataclass
 class EvalDataSection:
-    task: Literal["sts", "retrieval"]
-    path: str
+    task: Literal["sts", "retrieval", "limit"]
+    path: str | None = None  # every task but limit, which generates its data (embplex.limit)
     split: str | None = None
+    documents: int = 46
+    queries: int = 1000
+    relevant: int = 2
+    distractors: int = 0
+    items_per_document: int | None = None
+    seed: int = 0
 
 
 def core_schema() -> dict[str, Any]:

@@ -277,6 +277,7 @@ def evaluate_retrieval(
     bootstrap: int = 1000,
     seed: int = 0,
     encode_options: Mapping[str, Any] | None = None,
+    recall_at: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Embed the corpus, index it, search every judged query and score the hits.
 
@@ -286,10 +287,13 @@ def evaluate_retrieval(
     :param index_factory: builds an empty index for a dimension (the configured index
         plugin, e.g. ``lambda dim: registry.create("index", "exact", dim=dim)``).
     :param k: search depth and the cut-off of recall; nDCG and MRR are cut at 10.
+    :param recall_at: more recall cut-offs (each at most ``k``), reported as ``recall@{c}``.
     :returns: ``ndcg@10``, ``recall@{k}`` and ``mrr@10`` as means over queries ×100, each
         with a 95% bootstrap interval over queries (``<metric>_ci``), plus counts.
     """
     _check_k(k)
+    if any(not 1 <= c <= k for c in recall_at):
+        raise InputError(f"recall_at={list(recall_at)}: each cut-off must be between 1 and k={k}.")
     if not corpus:
         raise InputError("the corpus is empty; nothing to retrieve from.")
     judged = [qid for qid in qrels if qrels[qid]]
@@ -315,6 +319,8 @@ def evaluate_retrieval(
         recall_name: np.array([recall_at_k(ranked, qrels[q], k) for q, ranked in zip(judged, hits.ids)]),
         "mrr@10": np.array([mrr_at_k(ranked, qrels[q], 10) for q, ranked in zip(judged, hits.ids)]),
     }
+    for cut in sorted(set(recall_at) - {k}):
+        per_query[f"recall@{cut}"] = np.array([recall_at_k(ranked, qrels[q], cut) for q, ranked in zip(judged, hits.ids)])
     results: dict[str, Any] = {"task": "retrieval"}
     for name, values in per_query.items():
         low, high = bootstrap_ci(values, np.mean, n=bootstrap, seed=seed)

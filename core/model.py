@@ -71,6 +71,9 @@ class EmbeddingModel(nn.Module):
             attention.bind(backbone.num_layers, backbone.causal)
         pooling.attach(backbone)  # a trainable pooling builds (and loads) its weights now
         self.source: str | None = None  # the folder it was loaded from, for messages
+        # the (layer, dim) pairs an elastic loss trained it to serve, smallest first (saved
+        # in embplex.json); None: only the full model
+        self.recommended_sizes: list[tuple[int, int]] | None = None
         self.eval()  # like transformers' from_pretrained: training is opted into
 
     # -- composition -------------------------------------------------------------------
@@ -403,6 +406,7 @@ class EmbeddingModel(nn.Module):
                 "normalize": self.normalize,
                 "dim": self.dim,
                 "components": self.specs,
+                **({"recommended_sizes": [list(p) for p in self.recommended_sizes]} if self.recommended_sizes else {}),
                 "sha256": checksum_tree(root, skip=(CONFIG_FILE, *SENTENCE_TRANSFORMERS_METADATA)),
             }
             write_json(root / CONFIG_FILE, config)
@@ -518,6 +522,8 @@ class EmbeddingModel(nn.Module):
             specs=specs,
         )
         model.source = str(root)
+        sizes = config.get("recommended_sizes")
+        model.recommended_sizes = [(int(layer), int(dim)) for layer, dim in sizes] if sizes else None
         return model.to(target)
 
 

@@ -402,6 +402,7 @@ class Trainer:
             raise InputError("no training examples; check the data config.")
         self.model = model
         self.loss = loss
+        loss.bind(model)  # a prefix wider than the model, a layer it lacks: refused now
         self.sampler = sampler
         self.settings = settings
         self.output_dir = Path(output_dir)
@@ -715,6 +716,8 @@ class Trainer:
             if settings.checkpoint_every and progress.step % settings.checkpoint_every:
                 # the last step is checkpointed too, so a rerun knows the run is complete
                 self.checkpoints.save(progress, parts, self.total_steps)
+            sizes = self.loss.recommended_sizes(self.model)
+            self.model.recommended_sizes = [tuple(p) for p in sizes] if sizes else self.model.recommended_sizes
             self.model.save(self.output_dir / "model")
         except KeyboardInterrupt:
             raise self._interrupted(progress.step) from None
