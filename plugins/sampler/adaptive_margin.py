@@ -1,6 +1,6 @@
 """Sampler ``adaptive_margin``: mined negatives, minus those almost as close as the positive.
 
-From "LG-ANNA-Embedding technical report" (Choi et al., 2025, arXiv:2506.07438), whose
+From "LG-ANNA-Embedding technical report" (LG AI Research, 2025, arXiv:2506.07438), whose
 adaptive margin-based hard-negative mining filters out negatives that are semantically
 ambiguous given the positive: a candidate whose similarity to the anchor reaches a margin
 of the positive's is likely an unlabelled positive (a false negative), and training
