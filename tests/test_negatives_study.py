@@ -39,3 +39,16 @@ def test_negatives_study_smoke(tmp_path, data_dir):
         assert low <= row["change_vs_in_batch"] <= high and isinstance(row["significant"], bool)
     # each arm trained its own model
     assert all((tmp_path / arm / "model" / "embplex.json").exists() for arm in saved["arms"])
+
+
+def test_length_buckets_study_smoke(tmp_path, data_dir):
+    study = _script("length_buckets")
+    report = study.main(["--smoke", "--output", str(tmp_path), "--data", str(data_dir)])
+    assert json.loads((tmp_path / "length_buckets.json").read_text())["smoke"] is True
+    for data in ("snli", "scifact"):
+        plain, buckets = report[f"{data}/no_duplicates"], report[f"{data}/length_buckets"]
+        # equal tokens seen: length_buckets stops once it has seen what no_duplicates saw
+        target = sum(plain["real_tokens"][: plain["steps"]])
+        seen = sum(buckets["real_tokens"][: buckets["steps"]])
+        assert seen >= target and seen - buckets["real_tokens"][buckets["steps"] - 1] < target
+        assert buckets["waste"] <= plain["waste"] and all(row["steps_per_s"] > 0 for row in (plain, buckets))
