@@ -326,3 +326,19 @@ def test_a_resumed_run_re_mines_exactly_as_the_uninterrupted_one(tiny_encoder_pa
     expected = embplex.load(straight.model_path, registry=registry).state_dict()
     for name, tensor in embplex.load(resumed.model_path, registry=registry).state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_state_mined_from_another_corpus_file_is_refused(make, exact, tmp_path):
+    examples, vectors = _data(0, anchors=3)
+    vectors.update({"extra a": vectors["q0"], "extra b": vectors["q1"]})
+    (tmp_path / "a.txt").write_text("extra a\n")
+    (tmp_path / "b.txt").write_text("extra b\n")
+    sampler = make("hard_negatives", negatives=1, corpus=str(tmp_path / "a.txt"))
+    _epoch(sampler, examples, TrainingContext(model=VectorModel(vectors), make_index=exact))
+    state = sampler.state_dict()
+    assert state["table"].dtype == torch.int64 and state["mined_at"] == 0 and state["rounds"] == 1
+    make("hard_negatives", negatives=1, corpus=str(tmp_path / "a.txt")).load_state_dict(state)
+    with pytest.raises(ValueError, match="mined from another corpus file"):
+        make("hard_negatives", negatives=1, corpus=str(tmp_path / "b.txt")).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a HardNegatives state"):
+        make("hard_negatives").load_state_dict({"plan": None})

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional
 
 import embplex
 from embplex.components import Example
