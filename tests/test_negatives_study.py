@@ -25,6 +25,14 @@ def test_every_negatives_arm_composes(registry):
     for arm, overrides in study.ARMS.items():
         cfg = compose_config(["experiment=negatives", *overrides], registry=registry)
         assert cfg["data"]["name"] == "scifact" and cfg["train"]["max_steps"] == 50, arm
+        chosen = dict(o.split("=") for o in overrides if "." not in o.split("=")[0])
+        assert cfg["sampler"]["name"] == chosen.get("sampler", "no_duplicates"), arm
+        assert cfg["loss"]["name"] == chosen.get("loss", "infonce"), arm
+        for override in overrides:  # every option override reached the component
+            key, value = override.split("=")
+            if "." in key:
+                kind, option = key.split(".")
+                assert str(cfg[kind][option]) == value, override
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
