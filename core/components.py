@@ -26,7 +26,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -552,10 +552,11 @@ class Sampler:
         ``examples`` (negative ones included: they would silently count from the end) or
         an empty batch is a ``TypeError`` / ``IndexError`` naming the sampler."""
         name = type(self).__name__
-        if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) or not batch:
+        items = None if isinstance(batch, (str, bytes, Example)) else list(batch) if isinstance(batch, Iterable) else None
+        if not items:
             raise TypeError(f"sampler {name} yielded {batch!r}; a batch is a non-empty list of positions or Examples.")
         resolved = []
-        for item in batch:
+        for item in items:
             if isinstance(item, Example):
                 resolved.append(item)
             elif isinstance(item, numbers.Integral) and not isinstance(item, bool):

@@ -72,6 +72,8 @@ def test_examples_of_takes_positions_and_examples_and_refuses_the_rest():
     mined = Example("a", "b", ["x"])
     sampler = Sampler()
     assert sampler.examples_of(examples, [1, mined, np.int64(0)]) == [examples[1], mined, examples[0]]
+    assert sampler.examples_of(examples, np.array([1, 0])) == [examples[1], examples[0]]  # as before: any iterable
+    assert sampler.examples_of(examples, (i for i in [0])) == [examples[0]]
     for bad, error, message in [
         ([2], IndexError, "position 2, but there are 2 examples"),
         ([-1], IndexError, "position -1"),
@@ -79,6 +81,8 @@ def test_examples_of_takes_positions_and_examples_and_refuses_the_rest():
         (["a"], TypeError, "'a'"),
         ([], TypeError, "non-empty list"),
         ("ab", TypeError, "non-empty list"),
+        (examples[0], TypeError, "non-empty list"),
+        (3, TypeError, "non-empty list"),
     ]:
         with pytest.raises(error, match=message):
             sampler.examples_of(examples, bad)
