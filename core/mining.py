@@ -160,7 +160,7 @@ class MiningSampler(Sampler):
         texts = self.corpus_texts(examples)
         if self.skip >= len(texts):
             raise OptionError(
-                f"skip={self.skip} leaves nothing to mine: the corpus (training positives"
+                f"sampler.skip={self.skip} leaves nothing to mine: the corpus (training positives"
                 f"{' and ' + repr(self.corpus) if self.corpus else ''}) has {len(texts)} distinct texts; "
                 "lower skip or add texts with the corpus option."
             )

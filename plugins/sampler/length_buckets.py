@@ -93,7 +93,7 @@ class LengthBuckets(Sampler):
         worst = int(np.argmax(single))
         if single[worst] > self.max_tokens:
             raise OptionError(
-                f"max_tokens={self.max_tokens} is smaller than example {worst} alone ({single[worst]} tokens "
+                f"sampler.max_tokens={self.max_tokens} is smaller than example {worst} alone ({single[worst]} tokens "
                 f"with its anchor, positive and negatives, as the tokenizer truncates them); raise max_tokens "
                 f"to at least {max(single)}."
             )
