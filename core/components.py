@@ -26,7 +26,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -604,6 +604,12 @@ class TrainingContext:
 class Sampler:
     """Which examples share a batch.
 
+    ``batches`` yields one list per batch. Each item is either an ``int``, the position of
+    an example in ``examples``, or an :class:`Example` itself, used as it is: that is how a
+    sampler hands the trainer an example it changed (a mined sampler's example with its
+    mined negatives, say). Items of both kinds may share a batch; the trainer turns a
+    batch into examples with :meth:`examples_of`, which a wrapping sampler uses too.
+
     ``batches`` must be a pure function of ``(examples, batch_size, seed, epoch)`` and of
     the sampler's state (:meth:`state_dict`) — that is what makes resuming a run exact.
     A sampler that reads the live model from ``context`` (to mine negatives, say) keeps
@@ -622,8 +628,35 @@ class Sampler:
         seed: int,
         epoch: int,
         context: TrainingContext,
-    ) -> Iterator[list[int]]:
+    ) -> Iterator[list["int | Example"]]:
         raise NotImplementedError
+
+    def examples_of(self, examples: Sequence[Example], batch: Sequence["int | Example"]) -> list[Example]:
+        """The examples of one batch that ``batches`` yielded: a position is looked up in
+        ``examples``, an :class:`Example` is kept. Anything else, a position outside
+        ``examples`` (negative ones included: they would silently count from the end) or
+        an empty batch is a ``TypeError`` / ``IndexError`` naming the sampler."""
+        name = type(self).__name__
+        items = None if isinstance(batch, (str, bytes, Example)) else list(batch) if isinstance(batch, Iterable) else None
+        if not items:
+            raise TypeError(f"sampler {name} yielded {batch!r}; a batch is a non-empty list of positions or Examples.")
+        resolved = []
+        for item in items:
+            if isinstance(item, Example):
+                resolved.append(item)
+            elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+                if not 0 <= item < len(examples):
+                    raise IndexError(
+                        f"sampler {name} yielded position {item}, but there are {len(examples)} examples "
+                        f"(positions 0 to {len(examples) - 1})."
+                    )
+                resolved.append(examples[int(item)])
+            else:
+                raise TypeError(
+                    f"sampler {name} yielded {item!r} ({type(item).__name__}) in a batch; an item is the "
+                    "position of an example (int) or an Example."
+                )
+        return resolved
 
     @staticmethod
     def permutation(count: int, seed: int, epoch: int) -> list[int]:

@@ -667,7 +667,7 @@ class Trainer:
                     produced += 1
                     if position < progress.position:
                         continue  # done before the checkpoint we resumed from
-                    batch = make_training_batch(self.model.backbone, [self.examples[i] for i in indices])
+                    batch = make_training_batch(self.model.backbone, self.sampler.examples_of(self.examples, indices))
                     batch = _batch_to(batch, self.device)
                     if self.teacher is not None:
                         batch = self.teacher.score(batch)

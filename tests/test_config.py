@@ -435,7 +435,8 @@ def test_component_config_matches_its_factory(path, registry):
     assert options - accepted == set(), f"{kind} '{name}' does not take {sorted(options - accepted)}"
     required = {
         p.name for p in inspect.signature(info.factory).parameters.values()
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "registry"
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name != "registry"  # the registry building a composite plugin, never an option
     }
     assert required <= options, f"options without a default must be in the config: {sorted(required - options)}"
 
