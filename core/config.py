@@ -417,7 +417,6 @@ def record_device(cfg: dict[str, Any], saved_config: Path) -> None:
     from omegaconf import OmegaConf
 
     from .devices import resolve_device
-    from .storage import atomic_write_text
 
     used = str(resolve_device(cfg.get("device", "auto")))
     if used == cfg.get("device"):
@@ -426,7 +425,7 @@ def record_device(cfg: dict[str, Any], saved_config: Path) -> None:
     if saved_config.is_file():
         saved = OmegaConf.load(saved_config)
         saved.device = used
-        atomic_write_text(saved_config, OmegaConf.to_yaml(saved))
+        OmegaConf.save(saved, saved_config)  # the way Hydra wrote it, beside its other records
 
 
 def run_hydra_app(

@@ -194,3 +194,16 @@ def test_features_move_with_non_blocking_copies(tiny_bert_path):
     batch = make_training_batch(model.backbone, [embplex.Example("a", "b")])
     moved = batch.anchors.to("cpu", non_blocking=True)
     assert torch.equal(moved.input_ids, batch.anchors.input_ids)
+
+
+def test_the_exact_index_follows_the_run_device(registry, no_accelerator):
+    from embplex.config import compose_config
+    from embplex.plugins.index.exact import ExactIndex
+
+    assert compose_config(["device=cpu"], registry=registry)["index"]["device"] == "cpu"
+    index = ExactIndex(dim=4, device="auto")
+    assert index.device == torch.device("cpu")
+    index.add(["a", "b"], np.eye(4, dtype=np.float32)[:2])
+    assert index.search(np.eye(4, dtype=np.float32)[:1], 1).ids == [["a"]]
+    with pytest.raises(DeviceError, match="device=cuda: this machine has no CUDA device"):
+        ExactIndex(dim=4, device="cuda")

@@ -38,7 +38,9 @@ class ExactIndex(Index):
     with duplicated document ids. Searching an empty index returns empty hit lists.
     """
 
-    def __init__(self, dim: int | None = None, metric: str = "cosine", chunk_size: int = 4096) -> None:
+    def __init__(
+        self, dim: int | None = None, metric: str = "cosine", chunk_size: int = 4096, device: str = "cpu"
+    ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise OptionError(
                 f"index 'exact' needs dim, the embedding width, as a positive integer (got {dim!r}); "
@@ -48,11 +50,15 @@ class ExactIndex(Index):
             raise OptionError(f"index 'exact' metric must be one of {', '.join(METRICS)}, not {metric!r}.")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise OptionError(f"index 'exact' chunk_size must be a positive integer, not {chunk_size!r}.")
+        from embplex.devices import resolve_device
+
         self.dim = int(dim)
         self.metric = metric
         self.chunk_size = chunk_size
+        # where the vectors live and are scored: the run's device by default (conf/index/exact.yaml)
+        self.device = resolve_device(device)
         self._items = ItemTable()
-        self._vectors = torch.empty(0, self.dim, dtype=torch.float32)
+        self._vectors = torch.empty(0, self.dim, dtype=torch.float32, device=self.device)
 
     # -- contents ----------------------------------------------------------------------
 
@@ -77,13 +83,13 @@ class ExactIndex(Index):
         ids, metadata = self._items.check_new(ids, matrix.shape[0], metadata)
         if self.metric == "cosine":
             matrix = torch.nn.functional.normalize(matrix, dim=-1)
-        self._vectors = torch.cat([self._vectors, matrix])
+        self._vectors = torch.cat([self._vectors, matrix.to(self.device)])
         self._items.append(ids, metadata)
 
     def delete(self, ids: Sequence[str]) -> None:
         doomed = self._items.rows_of(ids)
         keep = np.setdiff1d(np.arange(len(self)), doomed)
-        self._vectors = self._vectors[torch.from_numpy(keep)]
+        self._vectors = self._vectors[torch.from_numpy(keep).to(self.device)]
         self._items.keep_rows(keep)
 
     # -- search ------------------------------------------------------------------------
@@ -109,11 +115,12 @@ class ExactIndex(Index):
         if self.metric == "cosine":
             matrix = torch.nn.functional.normalize(matrix, dim=-1)
         rows_searched = None if allowed is None else np.flatnonzero(allowed)
-        stored = self._vectors if rows_searched is None else self._vectors[torch.from_numpy(rows_searched)]
+        stored = self._vectors if rows_searched is None else self._vectors[torch.from_numpy(rows_searched).to(self.device)]
         k = min(k, stored.shape[0])
         if k == 0:
             return empty_result(matrix.shape[0])
-        scores, rows = self._top_k(matrix, stored, k)
+        scores, rows = self._top_k(matrix.to(self.device), stored, k)
+        scores, rows = scores.cpu(), rows.cpu()
         rows = rows.numpy() if rows_searched is None else rows_searched[rows.numpy()]
         ids = self._items.ids
         return SearchResult(ids=[[ids[row] for row in hit_rows] for hit_rows in rows.tolist()], scores=scores.numpy())
@@ -123,8 +130,8 @@ class ExactIndex(Index):
         with torch.inference_mode():
             for q_start in range(0, queries.shape[0], self.chunk_size):
                 block = queries[q_start : q_start + self.chunk_size]
-                scores = torch.full((block.shape[0], 0), float("-inf"))
-                rows = torch.empty((block.shape[0], 0), dtype=torch.long)
+                scores = torch.full((block.shape[0], 0), float("-inf"), device=block.device)
+                rows = torch.empty((block.shape[0], 0), dtype=torch.long, device=block.device)
                 for s_start in range(0, vectors.shape[0], self.chunk_size):
                     stored = vectors[s_start : s_start + self.chunk_size]
                     chunk_scores, chunk_rows = torch.topk(block @ stored.T, min(k, stored.shape[0]), dim=1)
@@ -149,7 +156,7 @@ class ExactIndex(Index):
         from safetensors.torch import save_file
 
         with embplex.storage.saving_index(path, self, "exact") as root:
-            save_file({"vectors": self._vectors.contiguous()}, str(root / VECTORS_FILE))
+            save_file({"vectors": self._vectors.cpu().contiguous()}, str(root / VECTORS_FILE))
             embplex.storage.write_json(
                 root / METADATA_FILE,
                 {
