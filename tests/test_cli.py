@@ -225,7 +225,8 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(capsys, tmp_path, tiny_b
 def test_sweep_over_an_option_that_does_not_exist_lists_the_options(capsys, tmp_path):
     code, _, err = run(capsys, "train", "-m", "pooling=meen,cls", f"output_dir={tmp_path}")
     assert code == 2
-    assert "No pooling plugin named 'meen'. Available pooling options: cls, last_token, max, mean, weighted_mean." in err
+    poolings = ", ".join(embplex.load_registry().names("pooling"))
+    assert f"No pooling plugin named 'meen'. Available pooling options: {poolings}." in err
     assert not (tmp_path / "0").exists(), "nothing ran"
 
 
@@ -265,7 +266,8 @@ def test_cfg_info_and_help_work_as_in_any_hydra_app(capsys, tmp_path, third_part
     code, out, err = run(capsys, "eval", "--help")
     assert code == 0, err
     assert "embplex eval [overrides...]" in out and "== Config ==" in out
-    assert "pooling: cls, last_token, max, mean, probe, weighted_mean" in out, "third-party options are listed"
+    poolings = ", ".join(sorted([*embplex.load_registry().names("pooling"), "probe"]))
+    assert f"pooling: {poolings}" in out, "third-party options are listed"
     assert "data: flagembedding, limit, scifact, snli, stsb" in out
 
 

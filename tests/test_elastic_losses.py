@@ -213,7 +213,9 @@ def test_matryoshka_2d_equals_sentence_transformers_on_the_same_layer(registry, 
     ours = {name.split(".", 2)[2]: g for name, g in grads.items()}
     assert their_grads.keys() == ours.keys()
     for name, grad in ours.items():
-        torch.testing.assert_close(grad, their_grads[name], atol=1e-5, rtol=0, msg=name)
+        # rtol as well: a gradient summed over every token (token_type_embeddings) carries the
+        # float rounding of thousands of additions, whose order differs between the libraries
+        torch.testing.assert_close(grad, their_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_matryoshka_2d_draws_an_earlier_layer_from_its_seed_and_counter(registry):

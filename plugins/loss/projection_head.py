@@ -63,7 +63,11 @@ class ProjectionHead(Loss):
         return self.inner.embed(model, batch, layers)
 
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
-        self.build(next(iter(embeddings.values())).shape[-1])
+        first = next(iter(embeddings.values()))
+        if self.head is None:  # built here only when no model bound it: where the embeddings are
+            self.build(first.shape[-1])
+            self.head.to(first.device)
+        self.build(first.shape[-1])  # a head of another width is refused
         return self.inner.compute({role: self.head(e) for role, e in embeddings.items()}, batch)
 
 
