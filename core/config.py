@@ -200,15 +200,21 @@ def as_plugin_list(node: Any, kind: str) -> Any:
     """A kind's composed node as the components expect it: ``None``, one
     ``{"name": ..., **options}``, or a list of them in order. Hydra composes a list as a
     mapping from each plugin's name to its config (see :func:`expand_list_overrides`);
-    a list given as such passes unchanged."""
-    if not isinstance(node, dict) or "name" in node or not node:
+    a list given as such passes unchanged.
+
+    :raises ConfigError: such members next to a selected plugin or other keys."""
+    if not isinstance(node, dict) or not node:
         return node
-    members = list(node.values())
-    if all(isinstance(member, dict) and "name" in member for member in members):
-        return members
-    strays = [key for key, member in node.items() if not (isinstance(member, dict) and "name" in member)]
+    # the shape the rewrite and `/attention@attention.<name>: <name>` produce: each member
+    # under its own name (an option whose value names a plugin under another key is not one)
+    listed = [key for key, member in node.items() if isinstance(member, dict) and member.get("name") == key]
+    if not listed:
+        return node
+    strays = [key for key in node if key not in listed]
+    if not strays:
+        return [node[key] for key in listed]
     raise ConfigError(
-        f"{kind} mixes a list of plugins ({', '.join(k for k in node if k not in strays)}) with "
+        f"{kind} mixes a list of plugins ({', '.join(listed)}) with "
         f"other keys ({', '.join(map(str, strays))}); set options as {kind}.<plugin>.<option>=..."
     )
 

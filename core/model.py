@@ -510,8 +510,18 @@ def _compose_part(kind: str, value: Any, registry: Registry, where: str) -> tupl
     return part, spec
 
 
+def _asks_remote_code(options: Any) -> bool:
+    """Whether options set ``trust_remote_code``, at any depth: a wrapping component's
+    inner part (``backbone.inner``) counts as much as the component itself."""
+    if isinstance(options, Mapping):
+        return bool(options.get("trust_remote_code") is True) or any(_asks_remote_code(v) for v in options.values())
+    if isinstance(options, (list, tuple)):
+        return any(_asks_remote_code(v) for v in options)
+    return False
+
+
 def _refuse_remote_code(root: Path, specs: dict[str, Any], trusted: bool) -> None:
-    asking = [kind for kind, spec in spec_entries(specs) if (spec.get("options") or {}).get("trust_remote_code")]
+    asking = [kind for kind, spec in spec_entries(specs) if _asks_remote_code(spec.get("options") or {})]
     if asking and not trusted:
         raise UnsafeConfigError(
             f"{root / CONFIG_FILE} sets {asking[0]}.trust_remote_code=true: loading it would run "

@@ -266,7 +266,7 @@ def test_cfg_info_and_help_work_as_in_any_hydra_app(capsys, tmp_path, third_part
     assert code == 0, err
     assert "embplex eval [overrides...]" in out and "== Config ==" in out
     assert "pooling: cls, last_token, max, mean, probe, weighted_mean" in out, "third-party options are listed"
-    assert "data: flagembedding, scifact, snli, stsb" in out
+    assert "data: flagembedding, needle, passkey, scifact, snli, stsb" in out
 
 
 def read_yaml_text(text):

@@ -3,6 +3,8 @@ attention lists (`attention=[a, b]`): each proves what defines it on real probab
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -242,7 +244,7 @@ def test_a_saved_list_loads_back_identically(tiny_bert_path, tmp_path):
     assert [s["name"] for s in loaded.specs["attention"]] == ["lambda_mask", "temp_scale"]
     assert loaded.attention.policies[1].temperature == 0.7 and loaded.attention.policies[0].window == 3
     np.testing.assert_array_equal(model.encode(texts), loaded.encode(texts))
-    assert "attention[1] 'temp_scale'" in loaded.describe() or loaded.source
+    assert "attention[1] 'temp_scale'" in model.describe()
 
 
 def test_the_command_line_list_form(registry):
@@ -260,6 +262,25 @@ def test_the_command_line_list_form(registry):
         compose_config(["attention=[temp_scale,temp_scale]"], registry=registry)
 
 
+def test_the_list_form_on_the_command_line_and_in_a_defaults_list(capsys, registry):
+    from embplex.cli import main
+
+    assert main(["config", "attention=[lambda_mask,temp_scale]", "attention.temp_scale.temperature=0.5"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in cfg["attention"]] == ["lambda_mask", "temp_scale"]
+    assert cfg["attention"][1]["temperature"] == 0.5
+    assert main(["config", "attention=[bidirectional,temp_scal]"]) == 2
+    assert "No attention plugin named 'temp_scal'" in capsys.readouterr().err
+    # what a recipe's defaults list says: `- /attention@attention.<name>: <name>` per policy
+    placed = compose_config(
+        ["+attention@attention.sink_calibration=sink_calibration", "+attention@attention.temp_scale=temp_scale"],
+        registry=registry,
+    )
+    assert [m["name"] for m in placed["attention"]] == ["sink_calibration", "temp_scale"]
+    with pytest.raises(ConfigError, match="mixes a list of plugins"):
+        compose_config(["attention=causal", "+attention@attention.temp_scale=temp_scale"], registry=registry)
+
+
 def test_bad_lists_are_refused(tiny_bert_path):
     with pytest.raises(UnknownComponentError, match=r"attention\[1\]: No attention plugin named 'temp_scal'"):
         compose(tiny_bert_path, ["bidirectional", "temp_scal"])
@@ -272,3 +293,25 @@ def test_bad_lists_are_refused(tiny_bert_path):
 
     with pytest.raises(OptionError, match="computes attention itself"):
         compose(tiny_bert_path, [OwnAttend(), {"name": "temp_scale"}])
+
+
+def test_a_recipe_lists_policies_in_its_defaults_list(tmp_path):
+    """The documented recipe form: one `/attention@attention.<name>: <name>` entry each."""
+    from test_config import ConfigFolder
+
+    recipe = tmp_path / "conf" / "experiment" / "listed.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(
+        "# @package _global_\n"
+        "defaults:\n"
+        "  - /attention@attention.lambda_mask: lambda_mask\n"
+        "  - /attention@attention.temp_scale: temp_scale\n"
+        "attention:\n"
+        "  temp_scale:\n"
+        "    temperature: 0.8\n"
+    )
+    registry = embplex.load_registry(extra_plugins=[("test-configs", ConfigFolder(tmp_path / "conf"))])
+    cfg = compose_config(["experiment=listed", "attention.lambda_mask.window=16"], registry=registry)
+    assert [(m["name"], m.get("temperature", m.get("window"))) for m in cfg["attention"]] == [
+        ("lambda_mask", 16), ("temp_scale", 0.8)
+    ]

@@ -159,3 +159,14 @@ def test_bad_options_are_refused(tiny_bert_path, decoders):
         extended({"name": "hf_decoder", "path": decoders["llama"]}, 512, "grouped")
     with pytest.raises(Exception, match="backbone.inner"):
         extended({"name": "hf_encodr", "path": tiny_bert_path}, 256)
+
+
+def test_a_saved_inner_backbone_that_trusts_remote_code_needs_consent_to_load(tiny_bert_path, tmp_path):
+    from embplex.errors import UnsafeConfigError
+
+    model = extended({"name": "hf_encoder", "path": tiny_bert_path, "trust_remote_code": True}, 256)
+    with pytest.warns(UserWarning):
+        model.save(tmp_path / "m")
+    with pytest.raises(UnsafeConfigError, match="trust_remote_code"):
+        embplex.load(tmp_path / "m")
+    assert embplex.load(tmp_path / "m", trust_remote_code=True).backbone.max_length == 256

@@ -122,6 +122,11 @@ class PositionInterpolation(Backbone):
         self.max_length = target_length
         self.inner.max_length = target_length  # the inner tokenizer now truncates here
 
+    @property
+    def tokenizer(self) -> Any:
+        """The inner backbone's tokenizer (training reads its pad token)."""
+        return getattr(self.inner, "tokenizer", None)
+
     # -- the contract -----------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True) -> Features:
