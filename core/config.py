@@ -179,6 +179,13 @@ def expand_list_overrides(overrides: Sequence[str]) -> list[str]:
     for override in overrides:
         match = _LIST_OVERRIDE.match(override)
         if match is None or match["kind"] not in LIST_KINDS:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") in LIST_KINDS and "[" in value:
+                # Hydra would merge the listed files into one node: a silently wrong model
+                raise ConfigError(
+                    f"{override}: a list of {key.lstrip('+~')} plugins is written {key.lstrip('+~')}=[a,b] "
+                    "with plain names, one list per command (lists cannot be swept with -m)."
+                )
             expanded.append(override)
             continue
         kind = match["kind"]

@@ -315,3 +315,8 @@ def test_a_recipe_lists_policies_in_its_defaults_list(tmp_path):
     assert [(m["name"], m.get("temperature", m.get("window"))) for m in cfg["attention"]] == [
         ("lambda_mask", 16), ("temp_scale", 0.8)
     ]
+
+
+def test_a_list_that_hydra_would_merge_is_refused(registry):
+    with pytest.raises(ConfigError, match="lists cannot be swept"):
+        compose_config(["attention=[lambda_mask,temp_scale],causal"], registry=registry)
