@@ -197,9 +197,17 @@ def evaluate_long_context(
             entry[f"ndcg@{k}"] = 100 * float(values.mean())
             entry[f"ndcg@{k}_ci"] = [100 * low, 100 * high]
         per_length[str(length)] = entry
+    metric = "ndcg@1" if task == "passkey" else "ndcg@10"
+    # the headline metric per length at the top level, as `embplex eval` prints and a
+    # sweep's summary tabulates every metric that has a `_ci`
+    headline: dict[str, Any] = {}
+    for length, entry in per_length.items():
+        headline[f"{metric}@{length}"] = entry[metric]
+        headline[f"{metric}@{length}_ci"] = entry[f"{metric}_ci"]
     return {
         "task": task,
-        "metric": "ndcg@1" if task == "passkey" else "ndcg@10",
+        "metric": metric,
+        **headline,
         "lengths": per_length,
         "filler": filler if task == "passkey" else "essay",
         "seed": seed,

@@ -104,3 +104,14 @@ def test_long_context_experiment_smoke(tiny_bert_path, tmp_path):
         names = [s["name"] for s in saved["runs"]["pi+temp+lambda+sink"]["model"]["components"]["attention"]]
         assert names == ["lambda_mask", "temp_scale", "sink_calibration"]
         assert (tmp_path / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_embplex_eval_prints_the_score_at_every_length(capsys, tiny_bert_path, tmp_path):
+    from embplex.cli import main
+
+    code = main(["eval", "data=needle", f"backbone.path={tiny_bert_path}", f"output_dir={tmp_path}",
+                 "data.eval.lengths=[64,128]", "data.eval.queries=3", "data.eval.candidates=5", "eval.bootstrap=20"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"ndcg@10@64: [\d.]+  \(95% CI", out) and re.search(r"ndcg@10@128: [\d.]+  \(95% CI", out)
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
