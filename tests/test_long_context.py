@@ -115,3 +115,15 @@ def test_embplex_eval_prints_the_score_at_every_length(capsys, tiny_bert_path, t
     assert code == 0
     assert re.search(r"ndcg@10@64: [\d.]+  \(95% CI", out) and re.search(r"ndcg@10@128: [\d.]+  \(95% CI", out)
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
+
+
+def test_length_collapse_experiment_smoke(tiny_bert_path, tmp_path):
+    spec = importlib.util.spec_from_file_location("length_collapse", REPO / "benchmarks" / "length_collapse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--model", tiny_bert_path, "--output", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "length_collapse.json").read_text())
+    assert saved["excerpts"] == 4 and sorted(saved["mean_pairwise_cosine"]) == ["plain", "temp_scale 0.9"]
+    for curve in saved["mean_pairwise_cosine"].values():
+        assert sorted(curve) == ["128", "256"] and all(-1 <= v <= 1 for v in curve.values())
+    assert (tmp_path / "length_collapse.png").read_bytes()[:4] == b"\x89PNG"
