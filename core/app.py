@@ -171,11 +171,34 @@ def run_eval(
             bootstrap=settings["bootstrap"],
             **({"recall_at": (2, 10)} if spec["task"] == "limit" else {}),
         )
+    elif spec["task"] in ("passkey", "needle"):
+        from . import long_context
+
+        results = long_context.evaluate_long_context(
+            model,
+            spec["task"],
+            spec["path"],
+            index_factory(cfg, registry),
+            lengths=spec.get("lengths") or long_context.LENGTHS,
+            queries=spec.get("queries", 50),
+            candidates=spec.get("candidates", 100),
+            seed=spec.get("seed", 0),
+            filler=spec.get("filler", "essay"),
+            batch_size=settings["batch_size"],
+            bootstrap=settings["bootstrap"],
+        )
     else:
-        raise InputError(f"unknown evaluation task {spec['task']!r}; use 'sts', 'retrieval' or 'limit'.")
+        raise InputError(
+            f"unknown evaluation task {spec['task']!r}; use 'sts', 'retrieval', 'limit', 'passkey' or 'needle'."
+        )
     results["data"] = cfg["data"]["name"]
     if write:
-        evaluation.write_results(output_dir(cfg) / settings["output"], results)
+        target = output_dir(cfg) / settings["output"]
+        evaluation.write_results(target, results)
+        if spec["task"] in ("passkey", "needle"):  # score against length, beside the JSON
+            from . import long_context
+
+            long_context.plot({long_context.label(model.specs): results}, target.with_suffix(".png"))
     return results
 
 

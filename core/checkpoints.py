@@ -299,7 +299,7 @@ class Checkpoints:
 
     def restore(self, checkpoint: Path, parts: Resumable) -> Progress:
         """Put every part back in its state at ``checkpoint``; return where the run was."""
-        from .model import EmbeddingModel
+        from .model import EmbeddingModel, spec_entries
 
         self.check(checkpoint)
         state = load_torch_state(checkpoint / STATE_FILE)
@@ -311,7 +311,7 @@ class Checkpoints:
             )
         self._restore_sampler(checkpoint, parts.sampler, state.get("sampler"))
         # the run's own config (its backbone's trust_remote_code) is the consent to run code
-        trusted = any((spec.get("options") or {}).get("trust_remote_code") for spec in parts.model.specs.values())
+        trusted = any((spec.get("options") or {}).get("trust_remote_code") for _, spec in spec_entries(parts.model.specs))
         saved_model = EmbeddingModel.load(checkpoint / "model", registry=self.registry, trust_remote_code=trusted)
         try:
             parts.model.load_state_dict(saved_model.state_dict(), strict=True)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Attention",
+    "AttentionChain",
     "Backbone",
     "Component",
     "Example",
@@ -357,10 +358,25 @@ class Attention(Component):
     def probs(self, probs: Tensor, layer: int) -> Tensor:
         return probs
 
+    def probs_with_values(self, probs: Tensor, value: Tensor, layer: int) -> Tensor:
+        """Rewrite the probabilities knowing the values (``[batch, heads, k, head_dim]``,
+        repeated to the query heads): runs after ``probs``, masked keys 0 before and
+        after it. For policies that weigh keys by their values (attention sinks)."""
+        return probs
+
     @property
     def rewrites_scores(self) -> bool:
         cls = type(self)
-        return cls.scores is not Attention.scores or cls.probs is not Attention.probs
+        return (
+            cls.scores is not Attention.scores
+            or cls.probs is not Attention.probs
+            or cls.probs_with_values is not Attention.probs_with_values
+        )
+
+    @property
+    def rewrites_attention(self) -> bool:
+        """Whether the policy changes any layer's attention beyond the mask."""
+        return self.rewrites_scores or type(self).attend is not Attention.attend
 
     def attend(
         self,
@@ -383,10 +399,100 @@ class Attention(Component):
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
         probs = self.probs(probs, layer).masked_fill(~mask, 0.0)
+        if type(self).probs_with_values is not Attention.probs_with_values:
+            probs = self.probs_with_values(probs, value, layer).masked_fill(~mask, 0.0)
         if dropout and self.training:
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out = torch.matmul(probs, value)
         return out.transpose(1, 2).contiguous(), probs
+
+
+class AttentionChain(Attention):
+    """Several policies applied in order: what ``attention=[a, b]`` (a list) composes to.
+
+    The mask is what every member's mask allows; a layer's scores go through each
+    member's ``scores`` in list order, the probabilities through each member's ``probs``
+    then each member's ``probs_with_values`` (a member only rewrites the layers in its
+    own ``layers``). Members that declare ``causal`` must agree; the chain's causality is
+    theirs (else the backbone's), and every member is bound with it, so a mask of a later
+    member never re-imposes a causality an earlier one removed. A member that overrides
+    ``attend`` computes its layers itself: it may share no layer with another member
+    that rewrites attention (refused when bound).
+    """
+
+    def __init__(self, policies: Sequence[Attention]) -> None:
+        super().__init__()
+        if not policies:
+            raise OptionError("attention=[] names no policy; name at least one, or set attention=null.")
+        self.policies = nn.ModuleList(policies)
+        declared = [(i, p.causal) for i, p in enumerate(policies) if p.causal is not None]
+        if len({c for _, c in declared}) > 1:
+            names = ", ".join(f"attention[{i}] ({type(policies[i]).__name__}) causal={c}" for i, c in declared)
+            raise OptionError(f"the attention list declares opposite causality: {names}; keep one of them.")
+        self.causal = declared[0][1] if declared else None
+
+    def bind(self, depth: int, causal: bool) -> None:
+        super().bind(depth, causal)
+        for policy in self.policies:
+            policy.bind(depth, self.is_causal)
+        for index, policy in enumerate(self.policies):
+            if type(policy).attend is Attention.attend:
+                continue
+            for other_index, other in enumerate(self.policies):
+                shared = [k for k in range(1, depth + 1) if policy.applies_to(k) and other.applies_to(k)]
+                if other_index != index and other.rewrites_attention and shared:
+                    raise OptionError(
+                        f"attention[{index}] ({type(policy).__name__}) computes attention itself "
+                        f"(attend) and cannot run with attention[{other_index}] "
+                        f"({type(other).__name__}) on layer {shared[0]}; give them disjoint "
+                        "'layers' or drop one of them."
+                    )
+
+    def mask(self, padding_mask: Tensor) -> Tensor:
+        allowed = Attention.mask(self, padding_mask)
+        for policy in self.policies:
+            allowed = allowed & policy.mask(padding_mask)
+        return allowed
+
+    def _active(self, layer: int) -> list[Attention]:
+        return [p for p in self.policies if p.applies_to(layer)]
+
+    def scores(self, scores: Tensor, layer: int) -> Tensor:
+        for policy in self._active(layer):
+            scores = policy.scores(scores, layer)
+        return scores
+
+    def probs(self, probs: Tensor, layer: int) -> Tensor:
+        for policy in self._active(layer):
+            probs = policy.probs(probs, layer)
+        return probs
+
+    def probs_with_values(self, probs: Tensor, value: Tensor, layer: int) -> Tensor:
+        for policy in self._active(layer):
+            probs = policy.probs_with_values(probs, value, layer)
+        return probs
+
+    def attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor,
+        scaling: float,
+        layer: int,
+        dropout: float = 0.0,
+    ) -> tuple[Tensor, Tensor | None]:
+        active = self._active(layer)
+        for policy in active:
+            if type(policy).attend is not Attention.attend:  # alone on this layer (see bind)
+                return policy.attend(query, key, value, mask, scaling, layer, dropout)
+        if not any(policy.rewrites_scores for policy in active):
+            return fused_attention(query, key, value, mask, scaling, dropout), None
+        return super().attend(query, key, value, mask, scaling, layer, dropout)
+
+    def save(self, directory: Path) -> None:
+        for index, policy in enumerate(self.policies):
+            policy.save(directory / str(index))
 
 
 def _repeat_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:

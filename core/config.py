@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
-from .errors import EmbplexError, UnsafeConfigError
+from .errors import EmbplexError, UnknownComponentError, UnsafeConfigError
 from .options import check_arguments, check_value
 from .registry import KINDS, Registry, check_options, load_registry
 
 CONFIG_MODULE = "embplex.conf"
 PRIMARY_CONFIG = "embplex"
 GROUPS = (*KINDS, "data", "experiment")
+# Kinds whose config may name several plugins, applied in order (docs/concepts.md,
+# "Attention lists"): `attention=[bidirectional,temp_scale]` on the command line.
+LIST_KINDS = ("attention",)
 
 
 class ConfigError(EmbplexError):
@@ -56,7 +59,7 @@ def compose_config(
     from omegaconf.errors import OmegaConfBaseException
 
     registry = registry or load_registry()
-    given = list(overrides)
+    given = expand_list_overrides(overrides)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=[*given, *_searchpath_override(registry)])
@@ -82,6 +85,9 @@ def finish_config(cfg: Any, registry: Registry) -> dict[str, Any]:
         composed: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_explain(exc)) from None
+    for kind in LIST_KINDS:
+        if kind in composed:
+            composed[kind] = as_plugin_list(composed[kind], kind)
     check_config(composed, registry)
     return composed
 
@@ -161,11 +167,79 @@ def group_options(group: str, registry: Registry | None = None) -> list[str]:
         return sorted(extended.get_group_options(group, results_filter=ObjectType.CONFIG))
 
 
-def component_config(cfg: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    """The ``{"name": ..., **options}`` node of one kind, or ``None`` when unset."""
+_LIST_OVERRIDE = re.compile(r"^(?P<kind>\w+)=\[(?P<names>[^\[\]{}=]*)\]$")
+
+
+def expand_list_overrides(overrides: Sequence[str]) -> list[str]:
+    """Rewrite ``attention=[a,b]`` (a list of plugins of a kind in ``LIST_KINDS``) into
+    what Hydra composes without merging the configs into one node: ``~attention``, then
+    ``+attention@attention.a=a`` and ``+attention@attention.b=b``. Each plugin's options
+    are then ``attention.<name>.<option>=...``; :func:`as_plugin_list` turns the node
+    into the ordered list. Other overrides pass unchanged."""
+    expanded: list[str] = []
+    for override in overrides:
+        match = _LIST_OVERRIDE.match(override)
+        if match is None or match["kind"] not in LIST_KINDS:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") in LIST_KINDS and "[" in value:
+                # Hydra would merge the listed files into one node: a silently wrong model
+                raise ConfigError(
+                    f"{override}: a list of {key.lstrip('+~')} plugins is written {key.lstrip('+~')}=[a,b] "
+                    "with plain names, one list per command (lists cannot be swept with -m)."
+                )
+            expanded.append(override)
+            continue
+        kind = match["kind"]
+        names = [name.strip().strip("'\"") for name in match["names"].split(",") if name.strip()]
+        if not names:
+            raise ConfigError(f"{kind}=[] names no plugin; name at least one, or leave {kind} out.")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(
+                f"{kind}=[{','.join(names)}] names {', '.join(twice)} more than once; a list holds "
+                f"each plugin once (its options are {kind}.<name>.<option>=...)."
+            )
+        expanded.append(f"~{kind}")
+        expanded.extend(f"+{kind}@{kind}.{name}={name}" for name in names)
+    return expanded
+
+
+def as_plugin_list(node: Any, kind: str) -> Any:
+    """A kind's composed node as the components expect it: ``None``, one
+    ``{"name": ..., **options}``, or a list of them in order. Hydra composes a list as a
+    mapping from each plugin's name to its config (see :func:`expand_list_overrides`);
+    a list given as such passes unchanged.
+
+    :raises ConfigError: such members next to a selected plugin or other keys."""
+    if not isinstance(node, dict) or not node:
+        return node
+    # the shape the rewrite and `/attention@attention.<name>: <name>` produce: each member
+    # under its own name (an option whose value names a plugin under another key is not one)
+    listed = [key for key, member in node.items() if isinstance(member, dict) and member.get("name") == key]
+    if not listed:
+        return node
+    strays = [key for key in node if key not in listed]
+    if not strays:
+        return [node[key] for key in listed]
+    raise ConfigError(
+        f"{kind} mixes a list of plugins ({', '.join(listed)}) with "
+        f"other keys ({', '.join(map(str, strays))}); set options as {kind}.<plugin>.<option>=..."
+    )
+
+
+def component_config(cfg: dict[str, Any], kind: str) -> Any:
+    """The ``{"name": ..., **options}`` node of one kind, or ``None`` when unset; for a
+    kind of ``LIST_KINDS`` given as a list, the list of such nodes."""
     node = cfg.get(kind)
     if node is None:
         return None
+    if kind in LIST_KINDS:
+        node = as_plugin_list(node, kind)
+        if isinstance(node, list):
+            for i, member in enumerate(node):
+                if not isinstance(member, dict) or "name" not in member:
+                    raise ConfigError(f"{kind}[{i}] must select a plugin by name, not {member!r}.")
+            return node
     if not isinstance(node, dict) or "name" not in node:
         raise ConfigError(f"config group '{kind}' must select a plugin: {kind}=<name>.")
     return node
@@ -221,15 +295,20 @@ class SearchSection:
 
 @dataclasses.dataclass
 class EvalDataSection:
-    task: Literal["sts", "retrieval", "limit"]
-    path: str | None = None  # every task but limit, which generates its data (embplex.limit)
+    task: Literal["sts", "retrieval", "limit", "passkey", "needle"]
+    path: str | None = None  # the data files (or, for passkey and needle, the essays); limit generates its own
     split: str | None = None
+    queries: int | None = None  # the generated tasks: limit (default 1000), passkey and needle (50 per length)
+    seed: int = 0
+    # limit (embplex.limit) only
     documents: int = 46
-    queries: int = 1000
     relevant: int = 2
     distractors: int = 0
     items_per_document: int | None = None
-    seed: int = 0
+    # the synthetic long-document tasks (embplex.long_context) only
+    lengths: list[int] | None = None
+    candidates: int = 100
+    filler: Literal["essay", "repeat"] = "essay"
 
 
 def core_schema() -> dict[str, Any]:
@@ -296,7 +375,14 @@ def check_config(cfg: Any, registry: Registry) -> None:
         resolve_device(cfg["device"])  # cuda on a machine without one fails here, not mid-run
     for kind in KINDS:
         node = component_config(cfg, kind)
-        if node is not None:
+        if isinstance(node, list):
+            for i, member in enumerate(node):
+                try:
+                    info = registry.get(kind, member["name"])
+                except UnknownComponentError as exc:
+                    raise UnknownComponentError(f"{kind}[{i}]: {exc}") from None
+                check_options(info, options_of(member))
+        elif node is not None:
             check_options(registry.get(kind, node["name"]), options_of(node))
     if cfg.get("data") is not None:
         _check_data(cfg["data"])
@@ -490,7 +576,7 @@ def run_hydra_app(
     )
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     # argv[0] "embplex" is the program name in usage lines and the bash completion script
-    sys.argv = ["embplex", *_with_overrides(args, [f"hydra.job.name={command}"])]
+    sys.argv = ["embplex", *_with_overrides(expand_list_overrides(args), [f"hydra.job.name={command}"])]
     # errors come back to us as exceptions instead of Hydra's printout and exit 1
     os.environ["HYDRA_FULL_ERROR"] = "1"
     folders = _plugin_config_folders()

@@ -24,7 +24,8 @@ from .errors import InputError, ModelFileError, OptionError
 
 ATTENTION_IMPLEMENTATION = "embplex"
 # The policy in force and the layer number (1..depth) of every module inside each block.
-_active_policy: contextvars.ContextVar[tuple[Attention, dict[int, int]] | None] = contextvars.ContextVar(
+# The third element collects the layers that were routed through the policy.
+_active_policy: contextvars.ContextVar[tuple[Attention, dict[int, int], set[int]] | None] = contextvars.ContextVar(
     "embplex_attention", default=None
 )
 _BUNDLED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -86,7 +87,7 @@ def _policy_attention(
             "embplex attention was called outside use_attention(); "
             "run the backbone through its forward()."
         )
-    policy, layer_of = active
+    policy, layer_of, routed = active
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = layer_of.get(id(module))
@@ -95,6 +96,7 @@ def _policy_attention(
             f"embplex cannot tell which layer {type(module).__name__} belongs to; "
             "pass the model's transformer blocks to use_attention()."
         )
+    routed.add(layer)
     if not policy.applies_to(layer):
         return fused_attention(query, key, value, attention_mask, scaling, dropout), None
     return policy.attend(query, key, value, attention_mask, scaling, layer, dropout)
@@ -117,11 +119,21 @@ def use_attention(
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     previous = {key: cfg._attn_implementation for key, cfg in configs.items()}
     layer_of = {id(module): number for number, block in enumerate(blocks, 1) for module in block.modules()}
-    token = _active_policy.set((policy, layer_of))
+    routed: set[int] = set()
+    token = _active_policy.set((policy, layer_of, routed))
     try:
         for cfg in configs.values():
             cfg._attn_implementation = ATTENTION_IMPLEMENTATION
         yield
+        # A layer whose attention code bypasses transformers' AttentionInterface would
+        # silently ignore the policy: refuse the model instead.
+        skipped = [number for number in range(1, len(blocks) + 1) if number not in routed]
+        if skipped:
+            raise OptionError(
+                f"attention: {type(model).__name__} computed layer(s) {skipped} without transformers' "
+                f"attention interface, so the policy {type(policy).__name__} cannot apply to it; "
+                "use a model family whose attention goes through AttentionInterface, or attention=null."
+            )
     finally:
         for key, cfg in configs.items():
             cfg._attn_implementation = previous[key]

@@ -11,8 +11,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .components import (
+    Attention,
+    AttentionChain,
+    Backbone,
+    Features,
+    Pooling,
+    SentenceTransformersModule,
+    TrainingBatch,
+)
 from .devices import is_out_of_memory, resolve_device
-from .components import Attention, Backbone, Features, Pooling, SentenceTransformersModule, TrainingBatch
 from .errors import (
     InputError,
     OutOfMemoryError,
@@ -48,6 +56,21 @@ def component_spec(value: str | Mapping[str, Any] | None) -> dict[str, Any] | No
         raise InputError(f"component config {dict(value)!r} has no 'name'; say which plugin to use.")
     options = {k: v for k, v in value.items() if k != "name"}
     return {"name": value["name"], "options": dict(options.get("options", options))}
+
+
+def is_policy_list(value: Any) -> bool:
+    """Whether a component value is a list of attention policies (``attention=[a, b]``)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, Mapping))
+
+
+def spec_entries(specs: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, spec)`` for every component of a model's specs, the members of an
+    attention list one by one (``"attention[1]"``)."""
+    for kind, spec in specs.items():
+        if isinstance(spec, list):
+            yield from ((f"{kind}[{i}]", member) for i, member in enumerate(spec))
+        else:
+            yield kind, spec
 
 
 class EmbeddingModel(nn.Module):
@@ -102,22 +125,18 @@ class EmbeddingModel(nn.Module):
         target = resolve_device(device)  # a device the machine lacks fails before any loading
         registry = registry or load_registry()
         given = {"backbone": backbone, "attention": attention, "pooling": pooling}
-        specs: dict[str, dict[str, Any]] = {}
+        specs: dict[str, Any] = {}
         parts: dict[str, Any] = {}
         for kind, value in given.items():
             if value is None:
                 continue
-            if isinstance(value, (str, Mapping)):
-                spec = component_spec(value)
-                info = registry.get(kind, spec["name"])
-                parts[kind] = info.create(**spec["options"])
+            if kind == "attention" and is_policy_list(value):
+                # a list of policies, applied in order (docs/concepts.md, "Attention lists")
+                built = [_compose_part(kind, member, registry, f"attention[{i}]") for i, member in enumerate(value)]
+                parts[kind] = AttentionChain([part for part, _ in built])
+                specs[kind] = [spec for _, spec in built]
             else:
-                parts[kind], info = _built_part(kind, value, registry)
-                spec = {"name": info.name if info else None, "options": None}
-            specs[kind] = spec
-            spec["plugin"] = info.plugin if info else None
-            spec["distribution"] = info.distribution.name if info and info.distribution else None
-            spec["version"] = info.distribution.version if info and info.distribution else None
+                parts[kind], specs[kind] = _compose_part(kind, value, registry, kind)
         return cls(
             backbone=parts["backbone"],
             pooling=parts["pooling"],
@@ -183,8 +202,8 @@ class EmbeddingModel(nn.Module):
     def check_saveable(self) -> None:
         """Refuse, before any work, a model that :meth:`save` could not write: one with a
         part built outside the registry, whose options embplex does not know."""
-        for kind in self._parts():
-            spec = self.specs.get(kind) or {}
+        known = dict(spec_entries({kind: self.specs.get(kind) or {} for kind in self._parts()}))
+        for kind, spec in known.items():
             if spec.get("name") is None or spec.get("options") is None:
                 name = spec.get("name")
                 how = f"{{'name': '{name}', ...its options}}" if name else "a registered plugin name"
@@ -473,7 +492,10 @@ class EmbeddingModel(nn.Module):
         """Which model this is, for messages: its folder when loaded, else its plugins."""
         if self.source is not None:
             return f"the model at {self.source}"
-        names = [f"{kind} '{self.specs[kind]['name']}'" for kind in MODEL_KINDS if kind in self.specs]
+        names = [
+            f"{where} '{spec['name']}'"
+            for where, spec in spec_entries({k: self.specs[k] for k in MODEL_KINDS if k in self.specs})
+        ]
         return "the model with " + ", ".join(names) if names else "the model"
 
     @classmethod
@@ -506,14 +528,12 @@ class EmbeddingModel(nn.Module):
         _refuse_remote_code(root, specs, trust_remote_code)
         parts: dict[str, Any] = {}
         for kind, spec in specs.items():
-            try:
-                info = registry.get(kind, spec["name"])
-            except UnknownComponentError:
-                raise MissingPluginError(_missing_plugin_message(kind, spec, root)) from None
-            parts[kind] = info.factory.from_saved(
-                root if kind == "backbone" else root / kind,
-                info.factory_arguments(spec.get("options", {})),
-            )
+            if isinstance(spec, list):  # an attention list: member i saved in attention/i
+                parts[kind] = AttentionChain(
+                    [_load_part(kind, member, root / kind / str(i), registry, root) for i, member in enumerate(spec)]
+                )
+            else:
+                parts[kind] = _load_part(kind, spec, root if kind == "backbone" else root / kind, registry, root)
         model = cls(
             backbone=parts["backbone"],
             pooling=parts["pooling"],
@@ -527,8 +547,47 @@ class EmbeddingModel(nn.Module):
         return model.to(target)
 
 
+def _load_part(kind: str, spec: dict[str, Any], folder: Path, registry: Registry, root: Path) -> Any:
+    try:
+        info = registry.get(kind, spec["name"])
+    except UnknownComponentError:
+        raise MissingPluginError(_missing_plugin_message(kind, spec, root)) from None
+    return info.factory.from_saved(folder, info.factory_arguments(spec.get("options", {})))
+
+
+def _compose_part(kind: str, value: Any, registry: Registry, where: str) -> tuple[Any, dict[str, Any]]:
+    """One part for ``compose`` from a name, a config or a built component, and its spec.
+    ``where`` names it in errors (``attention[1]`` for a member of a list)."""
+    if isinstance(value, (str, Mapping)):
+        spec = component_spec(value)
+        try:
+            info = registry.get(kind, spec["name"])
+        except UnknownComponentError as exc:
+            if where == kind:
+                raise
+            raise UnknownComponentError(f"{where}: {exc}") from None
+        part = info.create(**spec["options"])
+    else:
+        part, info = _built_part(kind, value, registry)
+        spec = {"name": info.name if info else None, "options": None}
+    spec["plugin"] = info.plugin if info else None
+    spec["distribution"] = info.distribution.name if info and info.distribution else None
+    spec["version"] = info.distribution.version if info and info.distribution else None
+    return part, spec
+
+
+def _asks_remote_code(options: Any) -> bool:
+    """Whether options set ``trust_remote_code``, at any depth: a wrapping component's
+    inner part (``backbone.inner``) counts as much as the component itself."""
+    if isinstance(options, Mapping):
+        return bool(options.get("trust_remote_code") is True) or any(_asks_remote_code(v) for v in options.values())
+    if isinstance(options, (list, tuple)):
+        return any(_asks_remote_code(v) for v in options)
+    return False
+
+
 def _refuse_remote_code(root: Path, specs: dict[str, Any], trusted: bool) -> None:
-    asking = [kind for kind, spec in specs.items() if (spec.get("options") or {}).get("trust_remote_code")]
+    asking = [kind for kind, spec in spec_entries(specs) if _asks_remote_code(spec.get("options") or {})]
     if asking and not trusted:
         raise UnsafeConfigError(
             f"{root / CONFIG_FILE} sets {asking[0]}.trust_remote_code=true: loading it would run "

@@ -357,6 +357,13 @@ def describe_component(component: Any) -> dict[str, Any]:
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "options": options}
 
 
+def _spec_summary(spec: Any) -> Any:
+    """A component's name and options for the run's config (a list for an attention list)."""
+    if isinstance(spec, list):
+        return [_spec_summary(member) for member in spec]
+    return {"name": spec.get("name"), "options": spec.get("options", {})}
+
+
 def data_fingerprint(examples: Sequence[Example]) -> str:
     digest = hashlib.sha256()
     for example in examples:
@@ -416,7 +423,7 @@ class Trainer:
             {
                 "model": {
                     "components": {
-                        kind: {"name": spec.get("name"), "options": spec.get("options", {})}
+                        kind: _spec_summary(spec)
                         for kind, spec in model.specs.items()
                     },
                     "normalize": model.normalize,

@@ -28,7 +28,7 @@ START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
 # What each config group chooses; the choices themselves are the installed config files.
 GROUPS = {
     "backbone": "the model that turns tokens into hidden states; its options follow as `backbone.<option>=...`",
-    "attention": "an attention policy applied inside every layer; `null` keeps the backbone's own attention",
+    "attention": "an attention policy applied inside every layer, or a list applied in order (`attention=[lambda_mask,temp_scale]`, options `attention.<name>.<option>`); `null` keeps the backbone's own attention",
     "pooling": "hidden states to one vector per text; `pooling.<option>=...`",
     "loss": "what training optimises; `loss.<option>=...`",
     "sampler": "which examples share a batch; `sampler.<option>=...`",

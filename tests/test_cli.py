@@ -268,7 +268,7 @@ def test_cfg_info_and_help_work_as_in_any_hydra_app(capsys, tmp_path, third_part
     assert "embplex eval [overrides...]" in out and "== Config ==" in out
     poolings = ", ".join(sorted([*embplex.load_registry().names("pooling"), "probe"]))
     assert f"pooling: {poolings}" in out, "third-party options are listed"
-    assert "data: flagembedding, limit, scifact, snli, stsb" in out
+    assert "data: flagembedding, limit, needle, passkey, scifact, snli, stsb" in out
 
 
 def read_yaml_text(text):
