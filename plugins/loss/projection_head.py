@@ -41,8 +41,8 @@ class ProjectionHead(Loss):
         self.inner = registry.create_part("loss", inner, option="loss.inner")
         self.head: nn.Sequential | None = None
 
-    def build(self, width: int) -> None:
-        """Create the head for embeddings ``width`` wide (once), from ``seed``."""
+    def build(self, width: int, device: "torch.device | None" = None) -> None:
+        """Create the head for embeddings ``width`` wide (once), from ``seed``, on ``device``."""
         if self.head is not None:
             if self.head[0].in_features != width:
                 raise OptionError(f"the projection head takes {self.head[0].in_features}-wide embeddings, not {width}.")
@@ -53,6 +53,8 @@ class ProjectionHead(Loss):
         with torch.random.fork_rng(devices=[]):  # the head's init leaves training's random stream alone
             torch.manual_seed(self.seed)
             self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, self.output_dim or width))
+        if device is not None:
+            self.head.to(device)
 
     def bind(self, model: "embplex.EmbeddingModel") -> None:
         self.inner.bind(model)
@@ -64,10 +66,7 @@ class ProjectionHead(Loss):
 
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
         first = next(iter(embeddings.values()))
-        if self.head is None:  # built here only when no model bound it: where the embeddings are
-            self.build(first.shape[-1])
-            self.head.to(first.device)
-        self.build(first.shape[-1])  # a head of another width is refused
+        self.build(first.shape[-1], first.device)  # built here only when no model bound it
         return self.inner.compute({role: self.head(e) for role, e in embeddings.items()}, batch)
 
 
