@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from embplex.config import compose_config
 
     parse = common.parser(__doc__.splitlines()[0], NAME)
+    parse.add_argument("--plot", type=Path, default=None, help="also draw the result as a PNG here")
     parse.add_argument("overrides", nargs="*", help="Hydra overrides applied on top of experiment=late_interaction")
     args = parse.parse_args(argv)
     registry = embplex.load_registry()
@@ -97,7 +98,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mib": common.peak_rss_mib(),
     }
+    if args.plot is not None:
+        plot(result, args.plot)
     return common.finish(result, args, NAME)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Two panels: nDCG@10 (95% interval) against bytes stored per document, and against
+    queries per second of the search, one point per arm and search."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_size, by_speed) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for arm, figures in result["arms"].items():
+        sizes = figures["bytes_per_document"]
+        size = sizes if isinstance(sizes, (int, float)) else sum(sizes.values())
+        for search in ("exact", "exact_chamfer", "muvera"):
+            if search not in figures:
+                continue
+            scores = figures[search]
+            low, high = scores["ndcg@10_ci"]
+            error = [[scores["ndcg@10"] - low], [high - scores["ndcg@10"]]]
+            label = f"{arm} · {search.replace('_', ' ')}"
+            marker = "s" if search == "muvera" else "o"
+            by_size.errorbar([size], [scores["ndcg@10"]], yerr=error, fmt=marker, capsize=3, label=label)
+            by_speed.errorbar([scores["queries_per_second"]], [scores["ndcg@10"]], yerr=error, fmt=marker, capsize=3)
+    by_size.set(xscale="log", xlabel="bytes stored per document", ylabel="SciFact test nDCG@10 (95% CI)")
+    by_speed.set(xscale="log", xlabel="queries per second (search only)")
+    by_size.legend(fontsize=7, loc="lower right")
+    for axes in (by_size, by_speed):
+        axes.grid(alpha=0.3)
+    figure.suptitle("Late interaction on SciFact test: quality against storage and search speed")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def _data(cfg: dict[str, Any], smoke: bool) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, float]]]:
