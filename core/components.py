@@ -218,6 +218,9 @@ class Backbone(Component):
     Subclasses set ``hidden_size``, ``num_layers`` and ``max_length`` and implement
     ``tokenize`` and ``forward``. ``causal`` says whether the network's own attention is
     causal (decoder LLMs); an attention policy keeps that unless it declares otherwise.
+    ``takes_domain`` says whether ``forward`` reads ``Features.domain`` (routes by
+    domain); ``encode(..., domain=)`` is refused for a backbone that does not, since the
+    label would change nothing.
     A backbone saves itself at the root of the model directory (that is where
     sentence-transformers looks for the transformer).
 
@@ -229,6 +232,7 @@ class Backbone(Component):
     num_layers: int
     max_length: int
     causal: bool = False
+    takes_domain: bool = False
 
     def tokenize(
         self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True
