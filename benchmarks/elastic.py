@@ -6,10 +6,15 @@ Trains all-MiniLM-L6-v2 under each loss of ``--losses`` with the recipe
 layer × width: STS-B test Spearman, SciFact test nDCG@10 and the LIMIT-style task's
 recall@2/10/100 (``data=limit``), each with its 95% bootstrap interval. Writes one JSON
 with every grid, and with ``--plots`` a heatmap per model and metric and a difference map
-against ``infonce``.
+against ``infonce``. Beside the grids, a lexical baseline on the same LIMIT task (and on
+its large variant, 1,000 distractors): BM25 (``bm25s``, the ``bench`` extra) over words,
+and over word 1-3-grams within each comma-separated phrase — our items are three-word
+phrases built from shared words ("huge amber bicycles"), so a bag of single words cannot
+tell them apart, while the paper's items are single distinctive words.
 
     python benchmarks/elastic.py --output runs/elastic/results.json --plots docs/results
     python benchmarks/elastic.py --smoke --output /tmp/elastic.json backbone.path=<tiny model>
+    python benchmarks/elastic.py --lexical-only --output runs/elastic/lexical.json  # BM25 alone, seconds
 
 Extra arguments are Hydra overrides applied to every run. ``--smoke`` trains 1 step on 8
 pairs, scores 2 layers × 2 widths on 16 STS-B pairs and a 8-document LIMIT task, and skips
@@ -26,6 +31,53 @@ from pathlib import Path
 
 LOSSES = ["infonce", "matryoshka", "matryoshka_2d", "starbucks"]
 DIMS = [32, 64, 128, 256, 384]
+#: BM25 tokenizations: word n-gram lengths (1: plain BM25 over words)
+BM25_NGRAMS = {"bm25_words": (1,), "bm25_phrases": (1, 2, 3)}
+
+
+def lexical_tokens(text: str, ngrams: tuple[int, ...]) -> list[str]:
+    """Lower-cased word n-grams of ``text``, never across punctuation (a LIMIT document's
+    items are comma-separated, so an n-gram never joins two items)."""
+    import re
+
+    tokens = []
+    for phrase in re.split(r"[^\w\s]", text.lower()):
+        words = phrase.split()
+        tokens += [" ".join(words[i : i + n]) for n in ngrams for i in range(len(words) - n + 1)]
+    return tokens
+
+
+def bm25_limit(corpus: dict, queries: dict, qrels: dict, ngrams: tuple[int, ...], bootstrap: int) -> dict:
+    """Recall@2/10/100 (95% bootstrap intervals) of BM25 (``bm25s``, its default k1=1.5,
+    b=0.75) on a LIMIT task: ``{"limit_recall@c": {"value", "ci"}}``."""
+    import bm25s
+    import numpy as np
+
+    from embplex import evaluation
+
+    ids, asked = list(corpus), [q for q in queries if q in qrels]
+    retriever = bm25s.BM25()
+    retriever.index([lexical_tokens(corpus[i], ngrams) for i in ids], show_progress=False)
+    rows, _ = retriever.retrieve([lexical_tokens(queries[q], ngrams) for q in asked], k=min(100, len(ids)), show_progress=False)
+    out = {}
+    for cut in (2, 10, 100):
+        per_query = np.array([evaluation.recall_at_k([ids[r] for r in row], qrels[q], cut) for q, row in zip(asked, rows)])
+        out[f"limit_recall@{cut}"] = {"value": float(per_query.mean()), "ci": list(evaluation.bootstrap_ci(per_query, np.mean, n=bootstrap))}
+    return out
+
+
+def lexical_baselines(smoke: bool) -> dict:
+    """BM25 on the grid's LIMIT task ("small") and on its large variant (1,000 distractor
+    documents; skipped in smoke mode), for each tokenization of ``BM25_NGRAMS``."""
+    from embplex.limit import generate
+
+    tasks = {"small": generate(documents=8, queries=20) if smoke else generate()}
+    if not smoke:
+        tasks["large"] = generate(distractors=1000)
+    return {
+        f"{name}/{task}": bm25_limit(*limit, ngrams, bootstrap=50 if smoke else 1000)
+        for task, limit in tasks.items() for name, ngrams in BM25_NGRAMS.items()
+    }
 
 
 def grid_scores(model, cfg, registry, layers, dims, smoke: bool) -> dict:
@@ -109,7 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--plots", type=Path, help="folder for the heatmaps (PNG)")
+    parser.add_argument("--lexical-only", action="store_true", help="the BM25 baseline alone: no model, no training")
     args, overrides = parser.parse_known_args(argv)
+    if args.lexical_only:
+        lexical = lexical_baselines(args.smoke)
+        for name, scores in lexical.items():
+            print(name, "  ".join(f"{metric} {cell['value']:.3f} [{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]" for metric, cell in scores.items()))
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"experiment": "elastic", "lexical": lexical}, indent=2) + "\n", encoding="utf-8")
+        return 0
     registry = embplex.load_registry()
     base = ["experiment=elastic", *overrides]
     if args.smoke:
@@ -141,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "seconds": round(time.perf_counter() - started, 1),
         "grids": grids,
+        "lexical": lexical_baselines(args.smoke),
     }
     if args.plots:
         payload["plots"] = plot(grids, args.plots)

@@ -14,6 +14,10 @@ all-MiniLM-L6-v2 (``conf/experiment/length_buckets.yaml``):
     python benchmarks/length_buckets.py                 # the study (not yet run on this project's machines)
     python benchmarks/length_buckets.py --padding-only  # the padding table, no training
     python benchmarks/length_buckets.py --smoke         # seconds: tiny data, tiny encoder
+    python benchmarks/length_buckets.py --padding-only --resample 200000  # SNLI at a training set's size
+
+``--resample N`` draws N SNLI dev triplets with replacement (seeded): a training set's
+count of examples with dev's length distribution (``length_buckets`` only; SciFact as is).
 
 Results go to ``<output>/length_buckets.json`` (default ``runs/length_buckets``).
 """
@@ -63,9 +67,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny data and a tiny encoder: seconds")
     parser.add_argument("--padding-only", action="store_true", help="the padding table alone, no training")
+    parser.add_argument("--resample", type=int, default=0, help="padding-only: SNLI drawn with replacement to this many triplets")
     parser.add_argument("--output", type=Path, default=Path("runs/length_buckets"))
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     args = parser.parse_args(argv)
+    if args.resample and not args.padding_only:
+        parser.error("--resample measures padding only: add --padding-only (the study trains on the real sets)")
 
     import embplex
     from embplex.app import build_model, run_eval, run_train
@@ -98,6 +105,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             model = build_model(cfg, registry)
             examples = load_training_data(cfg["data"]["train"])
+            if args.resample and data == "snli":
+                if name != "length_buckets":
+                    continue  # no_duplicates' duplicate check is quadratic in the examples
+                import numpy as np
+
+                draw = np.random.default_rng(cfg["seed"]).integers(len(examples), size=args.resample)
+                examples = [examples[i] for i in draw]
             sampler = registry.create("sampler", name, **{k: v for k, v in cfg["sampler"].items() if k != "name"})
             batches = list(sampler.batches(examples, cfg["train"]["batch_size"], cfg["seed"], 0, TrainingContext(model=model)))
             row = padding(model, examples, batches)

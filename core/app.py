@@ -136,12 +136,16 @@ def run_eval(
     settings = cfg["eval"]
     if spec["task"] != "limit" and not spec.get("path"):
         raise InputError(f"data.eval.path is not set; say where the {spec['task']} data is.")
+    model.check_domain(settings.get("domain"), "eval.domain")
+    # every text of the evaluation (queries, documents, sentence pairs) gets the one label
+    encode_options = {} if settings.get("domain") is None else {"domain": settings["domain"]}
     if spec["task"] == "sts":
         from .data import load_sts
 
         s1, s2, gold = load_sts(spec["path"])
         results = evaluation.evaluate_sts(
-            model, s1, s2, gold, batch_size=settings["batch_size"], bootstrap=settings["bootstrap"]
+            model, s1, s2, gold, batch_size=settings["batch_size"], bootstrap=settings["bootstrap"],
+            encode_options=encode_options,
         )
     elif spec["task"] in ("retrieval", "limit"):
         if spec["task"] == "limit":  # generated, not read (embplex.limit)
@@ -169,6 +173,7 @@ def run_eval(
             make_and_keep,
             batch_size=settings["batch_size"],
             bootstrap=settings["bootstrap"],
+            encode_options=encode_options,
             **({"recall_at": (2, 10)} if spec["task"] == "limit" else {}),
         )
     elif spec["task"] in ("passkey", "needle"):
@@ -186,6 +191,7 @@ def run_eval(
             filler=spec.get("filler", "essay"),
             batch_size=settings["batch_size"],
             bootstrap=settings["bootstrap"],
+            encode_options=encode_options,
         )
     else:
         raise InputError(
@@ -215,6 +221,7 @@ def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
         raise InputError("say what to encode: encode.input=<file with one text per line>.")
     texts = read_texts(settings["input"])
     model = build_model(cfg, registry)
+    model.check_domain(settings.get("domain"), "encode.domain")
     vectors = model.encode(
         texts,
         batch_size=settings["batch_size"],
@@ -223,6 +230,7 @@ def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
         show_progress=True,
         layer=settings.get("layer"),
         dim=settings.get("dim"),
+        domain=settings.get("domain"),
     )
     target = output_dir(cfg) / settings["output"]
     # The vectors (the large file, the likely one to fail) replace theirs first; the ids

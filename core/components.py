@@ -47,6 +47,7 @@ __all__ = [
     "Index",
     "Loss",
     "Pooling",
+    "Positions",
     "SearchResult",
     "Sampler",
     "SentenceTransformersModule",
@@ -217,6 +218,9 @@ class Backbone(Component):
     Subclasses set ``hidden_size``, ``num_layers`` and ``max_length`` and implement
     ``tokenize`` and ``forward``. ``causal`` says whether the network's own attention is
     causal (decoder LLMs); an attention policy keeps that unless it declares otherwise.
+    ``takes_domain`` says whether ``forward`` reads ``Features.domain`` (routes by
+    domain); ``encode(..., domain=)`` is refused for a backbone that does not, since the
+    label would change nothing.
     A backbone saves itself at the root of the model directory (that is where
     sentence-transformers looks for the transformer).
 
@@ -228,6 +232,7 @@ class Backbone(Component):
     num_layers: int
     max_length: int
     causal: bool = False
+    takes_domain: bool = False
 
     def tokenize(
         self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True
@@ -260,6 +265,25 @@ class Backbone(Component):
 # ---------------------------------------------------------------------------
 
 
+@dataclass
+class Positions:
+    """The positions a backbone gives its tokens in one forward pass, for attention
+    policies that reason about distances (:meth:`Attention.feed_positions`).
+
+    :param ids: ``[batch, length]`` position ids, counted over each text's real tokens.
+    :param kind: ``"absolute"`` (looked up in a position table: the ids fed *are* what the
+        model sees), ``"rotary"`` (queries and keys are rotated by their positions before
+        attention; ``rotate`` is set) or ``"other"`` (a scheme embplex cannot act on).
+    :param rotate: for ``"rotary"``, ``rotate(x, positions)``: ``x`` ``[..., head_dim]``
+        rotated by ``positions`` (broadcast to ``x.shape[:-1]``, any integers, negative
+        ones undo a rotation) exactly as the model rotates its queries and keys.
+    """
+
+    ids: Tensor
+    kind: str = "other"
+    rotate: Callable[[Tensor, Tensor], Tensor] | None = None
+
+
 class Attention(Component):
     """How tokens see each other inside the backbone.
 
@@ -282,13 +306,22 @@ class Attention(Component):
       keys are 0). Masked keys are set back to 0 after it.
     * ``attend(query, key, value, mask, scaling, layer, dropout)`` is the whole
       computation; a policy overriding it must apply ``mask`` itself.
-    * ``layers``: the layers whose attention the policy rewrites (``scores``, ``probs``,
-      ``attend``); ``None`` is every layer. Other layers run plain attention under
+    * ``feed_positions(positions)`` -> ``[batch, length]``: the position ids the backbone
+      feeds its model, asked once per forward pass before the model runs, with the
+      :class:`Positions` it would use (default: unchanged). A policy may keep
+      ``positions`` for its attention in that pass (rotary distances), or change what an
+      absolute-position model sees.
+    * ``qk_scores(query, key, scaling, layer)``: the scaled pre-softmax scores from the
+      layer's queries and keys (already rotated in a rotary model; as many key heads as
+      query heads), before ``scores``; default ``query @ keyᵀ · scaling``.
+    * ``layers``: the layers whose attention the policy rewrites (``qk_scores``,
+      ``scores``, ``probs``, ``attend``); ``None`` is every layer. Other layers run plain attention under
       ``effective_mask``. A policy with a ``layers`` option stores it here; ``bind``
       refuses a layer the backbone does not have.
 
-    When neither ``scores`` nor ``probs`` is overridden the backbone uses a fused kernel
-    (``scaled_dot_product_attention``); otherwise it computes attention explicitly.
+    When none of ``qk_scores``, ``scores`` or ``probs`` is overridden the backbone uses a
+    fused kernel (``scaled_dot_product_attention``); otherwise it computes attention
+    explicitly.
     """
 
     causal: bool | None = None
@@ -352,6 +385,12 @@ class Attention(Component):
             return own
         return self.mask(padding_mask) & own
 
+    def feed_positions(self, positions: Positions) -> Tensor:
+        return positions.ids
+
+    def qk_scores(self, query: Tensor, key: Tensor, scaling: float, layer: int) -> Tensor:
+        return torch.matmul(query, key.transpose(-1, -2)) * scaling
+
     def scores(self, scores: Tensor, layer: int) -> Tensor:
         return scores
 
@@ -365,10 +404,18 @@ class Attention(Component):
         return probs
 
     @property
+    def computes_qk_scores(self) -> bool:
+        """Whether this policy computes the scores from queries and keys itself
+        (overrides ``qk_scores``); a policy whose override is off for its options says
+        False here, so its layers keep the fused kernel."""
+        return type(self).qk_scores is not Attention.qk_scores
+
+    @property
     def rewrites_scores(self) -> bool:
         cls = type(self)
         return (
-            cls.scores is not Attention.scores
+            self.computes_qk_scores
+            or cls.scores is not Attention.scores
             or cls.probs is not Attention.probs
             or cls.probs_with_values is not Attention.probs_with_values
         )
@@ -394,7 +441,7 @@ class Attention(Component):
         if not self.rewrites_scores:
             return fused_attention(query, key, value, mask, scaling, dropout), None
         key, value = _repeat_heads(query, key, value)
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        scores = self.qk_scores(query, key, scaling, layer)
         scores = self.scores(scores, layer)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
@@ -436,6 +483,17 @@ class AttentionChain(Attention):
         for policy in self.policies:
             policy.bind(depth, self.is_causal)
         for index, policy in enumerate(self.policies):
+            if not policy.computes_qk_scores:
+                continue
+            for other_index, other in enumerate(self.policies[index + 1 :], index + 1):
+                shared = [k for k in range(1, depth + 1) if policy.applies_to(k) and other.applies_to(k)]
+                if other.computes_qk_scores and shared:
+                    raise OptionError(
+                        f"attention[{index}] ({type(policy).__name__}) and attention[{other_index}] "
+                        f"({type(other).__name__}) both compute the scores from queries and keys "
+                        f"(qk_scores) on layer {shared[0]}; give them disjoint 'layers' or drop one of them."
+                    )
+        for index, policy in enumerate(self.policies):
             if type(policy).attend is Attention.attend:
                 continue
             for other_index, other in enumerate(self.policies):
@@ -456,6 +514,17 @@ class AttentionChain(Attention):
 
     def _active(self, layer: int) -> list[Attention]:
         return [p for p in self.policies if p.applies_to(layer)]
+
+    def feed_positions(self, positions: Positions) -> Tensor:
+        for policy in self.policies:  # in order: each member sees what the previous ones feed
+            positions = dataclasses.replace(positions, ids=policy.feed_positions(positions))
+        return positions.ids
+
+    def qk_scores(self, query: Tensor, key: Tensor, scaling: float, layer: int) -> Tensor:
+        for policy in self._active(layer):  # at most one overrides it per layer (see bind)
+            if policy.computes_qk_scores:
+                return policy.qk_scores(query, key, scaling, layer)
+        return super().qk_scores(query, key, scaling, layer)
 
     def scores(self, scores: Tensor, layer: int) -> Tensor:
         for policy in self._active(layer):

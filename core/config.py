@@ -277,6 +277,7 @@ class EncodeSection:
     truncation: Literal["warn", "silent", "error"]
     layer: int | None = None
     dim: int | None = None
+    domain: str | int | None = None  # for a backbone that routes by domain (Backbone.takes_domain)
 
 
 @dataclasses.dataclass
@@ -284,6 +285,7 @@ class EvalSection:
     batch_size: int
     output: str
     bootstrap: int
+    domain: str | int | None = None  # every evaluated text's domain label
 
 
 @dataclasses.dataclass

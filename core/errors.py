@@ -38,6 +38,10 @@ class InputError(EmbplexError, ValueError):
     """Texts that cannot be embedded: empty list, ``None``, non-strings, too long."""
 
 
+class EmptyIndexError(InputError):
+    """A search of an index that holds no vectors (none added yet, or all deleted)."""
+
+
 class DimensionError(EmbplexError, ValueError):
     """Vectors whose width does not match the index or model."""
 

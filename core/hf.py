@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .components import Attention, fused_attention
+from .components import Attention, Positions, fused_attention
 from .errors import InputError, ModelFileError, OptionError
 
 ATTENTION_IMPLEMENTATION = "embplex"
@@ -138,6 +138,33 @@ def use_attention(
         for key, cfg in configs.items():
             cfg._attn_implementation = previous[key]
         _active_policy.reset(token)
+
+
+# Model families whose rotary embedding is transformers' Llama-style ``rotate_half``
+# (``apply_rotary_pos_emb``) over the whole head: :func:`rotate_half_rotation` rotates as
+# they do. Other rotary layouts (interleaved pairs, partial rotary) are left as "other".
+ROTATE_HALF_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
+
+
+def rotate_half_rotation(rotary: torch.nn.Module):
+    """``rotate(x, positions)`` for a Llama-style rotary module: rotates ``x``
+    ``[..., head_dim]`` by ``positions`` (broadcast to ``x.shape[:-1]``). Reads
+    ``inv_freq`` at call time, so a rescaled rotary base (position_interpolation) counts."""
+
+    def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        inv_freq = rotary.inv_freq
+        if x.shape[-1] != 2 * inv_freq.shape[0]:
+            raise OptionError(
+                f"the model rotates {2 * inv_freq.shape[0]} of each head's {x.shape[-1]} dimensions "
+                "(partial rotary), which embplex cannot re-rotate; use a policy without rotary distances."
+            )
+        angles = torch.as_tensor(positions, device=x.device).float()[..., None] * inv_freq.float()
+        angles = torch.cat([angles, angles], dim=-1)
+        half = x.shape[-1] // 2
+        turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x.float() * angles.cos() + turned.float() * angles.sin()).to(x.dtype)
+
+    return rotate
 
 
 PRECISIONS = ("fp32", "bf16", "fast")
@@ -293,6 +320,8 @@ class TransformersBackbone:
         self.max_length = min(max_length or model_limit, limit)
         self._prefix_specials = self._count_prefix_specials()
         self._install_output_hooks()
+        self.__dict__.pop("_position_scheme", None)
+        _ = self._position_scheme  # read now, while the model is as loaded
 
     def _set_precision(self, precision: str) -> None:
         """Choose how inference multiplies: ``fp32`` (the model's own forward, the
@@ -413,6 +442,30 @@ class TransformersBackbone:
             inputs["token_type_ids"] = features.extra["token_type_ids"]
         return inputs
 
+    def _positions(self, inputs: dict[str, Any]) -> Positions:
+        """The positions the model gives the tokens of ``inputs`` (transformers' default:
+        0..n-1 from the first column, unless ``_model_inputs`` sets ``position_ids``)."""
+        ids = inputs.get("position_ids")
+        if ids is None:
+            batch, width = inputs["input_ids"].shape
+            ids = torch.arange(width, device=inputs["input_ids"].device).expand(batch, width)
+        kind, rotary = self._position_scheme
+        return Positions(ids=ids, kind=kind, rotate=None if rotary is None else rotate_half_rotation(rotary))
+
+    @functools.cached_property
+    def _position_scheme(self) -> tuple[str, torch.nn.Module | None]:
+        """How the model encodes positions, read once (before a wrapper such as
+        position_interpolation swaps its position table for a pass): ``"absolute"``, or
+        ``"rotary"`` with its rotary module, or ``"other"``."""
+        model = self.model
+        if any(isinstance(getattr(m, name, None), torch.nn.Embedding) for m in model.modules() for name in ("position_embeddings", "wpe")):
+            return "absolute", None
+        rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+        scaled = any(float(getattr(m, "attention_scaling", 1.0)) != 1.0 for m in rotary)
+        if len(rotary) == 1 and not scaled and getattr(model.config, "model_type", None) in ROTATE_HALF_FAMILIES:
+            return "rotary", rotary[0]
+        return "other", None
+
     # -- forward ---------------------------------------------------------------------
 
     def forward(self, features: Any, attention: Attention | None = None, num_layers: int | None = None):
@@ -426,6 +479,10 @@ class TransformersBackbone:
             else:
                 attention.bind(self.num_layers, self.causal)
                 inputs["attention_mask"] = attention.effective_mask(features.attention_mask)
+                positions = self._positions(inputs)
+                fed = attention.feed_positions(positions)
+                if fed is not positions.ids:  # a policy changed them: the model gets them explicitly
+                    inputs["position_ids"] = fed
                 owner, attribute = self._layer_list()
                 stack.enter_context(use_attention(self.model, attention, getattr(owner, attribute)))
             output = self.model(**inputs, output_hidden_states=True, return_dict=True)

@@ -7,6 +7,8 @@ anything, so a refused call leaves the index as it was:
 * :func:`check_ids`, :func:`as_matrix`, :func:`check_k`, :func:`check_metadata`,
   :func:`check_filter` turn arguments into plain values or raise
   :class:`~embplex.errors.InputError` / :class:`~embplex.errors.DimensionError`;
+  :func:`check_not_empty` refuses to search an index that holds nothing
+  (:class:`~embplex.errors.EmptyIndexError`);
 * :class:`ItemTable` keeps the ids of the rows an index stores (unique strings, in row
   order) with their metadata, refuses an id added twice or deleted while unknown, and
   answers a metadata filter with a mask over the rows.
@@ -22,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .components import SearchResult
-from .errors import DimensionError, InputError, ModelFileError
+from .errors import DimensionError, EmptyIndexError, InputError, ModelFileError
 
 __all__ = [
     "ItemTable",
@@ -31,6 +33,7 @@ __all__ = [
     "check_ids",
     "check_k",
     "check_metadata",
+    "check_not_empty",
     "empty_result",
     "load_arrays",
     "preview",
@@ -115,8 +118,19 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
+def check_not_empty(size: int, index: str) -> None:
+    """Refuse to search an index of ``size`` 0 (:class:`EmptyIndexError`): empty rows
+    would read as "nothing relevant" — a recall of 0 that looks like a result — when the
+    vectors were never added (or all were deleted)."""
+    if size == 0:
+        raise EmptyIndexError(
+            f"index '{index}' is empty: it holds no vectors to search. Add vectors first "
+            "(index.add(ids, vectors), or `embplex index` for a corpus), or load a saved index that has them."
+        )
+
+
 def empty_result(queries: int) -> SearchResult:
-    """``queries`` empty hit lists (an empty index, or a filter nothing matches)."""
+    """``queries`` empty hit lists (a filter nothing matches)."""
     return SearchResult(ids=[[] for _ in range(queries)], scores=np.zeros((queries, 0), dtype=np.float32))
 
 

@@ -171,8 +171,10 @@ def evaluate_long_context(
     filler: str = "essay",
     batch_size: int = 8,
     bootstrap: int = 1000,
+    encode_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """nDCG@1 and nDCG@10 (×100, 95% bootstrap intervals over queries) at every length."""
+    """nDCG@1 and nDCG@10 (×100, 95% bootstrap intervals over queries) at every length;
+    ``encode_options`` are extra keyword arguments for ``model.encode`` (``domain``)."""
     from .evaluation import bootstrap_ci, describe_model, ndcg_at_k
 
     started = time.perf_counter()
@@ -182,10 +184,10 @@ def evaluate_long_context(
         corpus, query_texts, qrels = generate(task, model.backbone, folder, length, queries, candidates, seed, filler)
         doc_ids, query_ids = list(corpus), list(query_texts)
         # plain truncation is the baseline: longer documents are cut at the model's maximum
-        vectors = model.encode([corpus[d] for d in doc_ids], batch_size=batch_size, truncation="silent")
+        vectors = model.encode([corpus[d] for d in doc_ids], batch_size=batch_size, truncation="silent", **(encode_options or {}))
         index = index_factory(int(vectors.shape[1]))
         index.add(doc_ids, vectors)
-        found = index.search(model.encode([query_texts[q] for q in query_ids], batch_size=batch_size), 10)
+        found = index.search(model.encode([query_texts[q] for q in query_ids], batch_size=batch_size, **(encode_options or {})), 10)
         entry: dict[str, Any] = {
             "queries": len(query_ids),
             "candidates": len(doc_ids),

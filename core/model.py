@@ -187,6 +187,18 @@ class EmbeddingModel(nn.Module):
             out[layer] = torch.cat(pooled)[restore]
         return out
 
+    def check_domain(self, domain: Any, option: str = "domain") -> None:
+        """Refuse, before any work, a domain label for a backbone that does not route by
+        domain (``Backbone.takes_domain``): it would be ignored, and the results would
+        look like the domain's when they are not."""
+        if domain is not None and not getattr(self.backbone, "takes_domain", False):
+            name = (self.specs.get("backbone") or {}).get("name") or type(self.backbone).__name__
+            raise InputError(
+                f"{option}={domain!r} was given, but backbone '{name}' does not route by domain, so the "
+                f"label would change nothing; leave {option} unset (null), or use a backbone that takes a "
+                "domain (domain_moe)."
+            )
+
     def check_layer(self, layer: int | None, option: str = "layer") -> None:
         """Refuse a layer the backbone does not have, before any layer runs. Layers count
         1..depth (layer ``k`` is the ``k``-th transformer block); ``None`` is the last."""
@@ -258,12 +270,14 @@ class EmbeddingModel(nn.Module):
         :param layer: pool at this layer (elastic depth), 1..depth; ``None`` is the last.
         :param dim: keep the first ``dim`` dimensions (Matryoshka), renormalised.
         :param domain: the texts' domain label (one for all, or one per text), handed to
-            the backbone in ``Features.domain`` (a backbone routing by domain needs it).
+            the backbone in ``Features.domain`` (a backbone routing by domain needs it;
+            one that does not, ``Backbone.takes_domain`` false, refuses it).
         :returns: ``[texts, dim]``; for a multi-vector pooling (one that returns
             ``[batch, tokens, dim]``) a list with one ``[tokens_i, dim]`` array per text.
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
+        self.check_domain(domain)
         domains = _domains_for(domain, len(texts))
         self.check_layer(layer)
         if truncation not in ("warn", "silent", "error"):

@@ -126,8 +126,68 @@ def test_a_decoder_is_refused(decoders):
         compose(decoders["llama"])
 
 
-def test_other_backbones_ignore_the_domain(tiny_model):
-    np.testing.assert_allclose(tiny_model.encode(TEXTS, domain="anything"), tiny_model.encode(TEXTS), atol=1e-6)
+def test_other_backbones_refuse_a_domain_they_would_ignore(tiny_model):
+    with pytest.raises(InputError, match=r"domain='anything' was given, but backbone '\w+' does not route by domain"):
+        tiny_model.encode(TEXTS, domain="anything")
+    tiny_model.encode(TEXTS, domain=None)  # no label: nothing to refuse
+
+
+# -- from the command line: eval.domain -----------------------------------------------------
+
+
+def _cli(capsys, *args):
+    from embplex.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_domain_routes_every_evaluated_text_from_the_command_line(capsys, tmp_path, tiny_bert_path, data_dir):
+    """``embplex eval ... eval.domain=<label>`` reaches encode for every text: on a saved
+    model whose second expert differs, domains 0 and 1 score differently, each exactly as
+    ``encode(..., domain=)`` from Python does."""
+    from embplex.data import load_sts
+    from embplex.evaluation import evaluate_sts
+
+    pairs = tmp_path / "stsb.tsv"
+    pairs.write_text("\n".join((data_dir / "sts" / "stsb" / "test.tsv").read_text(encoding="utf-8").splitlines()[:41]) + "\n")
+    model = compose(tiny_bert_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.backbone.model.named_modules():
+            if type(module).__name__ == "_Experts":
+                for parameter in module.experts[1].parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save(tmp_path / "model")
+    common = [f"model.load={tmp_path / 'model'}", "data=stsb", f"data.eval.path={pairs}", "eval.bootstrap=20"]
+    scores = {}
+    for label in ("0", "stsb"):
+        out_dir = tmp_path / f"run-{label}"
+        code, _, err = _cli(capsys, "eval", *common, f"output_dir={out_dir}", f"eval.domain={label}")
+        assert code == 0, err
+        scores[label] = json.loads((out_dir / "results.json").read_text())["results"]["spearman"]
+    s1, s2, gold = load_sts(pairs)
+    by_hand = {label: evaluate_sts(model, s1, s2, gold, bootstrap=20, encode_options={"domain": label})["spearman"] for label in ("scifact", "stsb")}
+    assert scores["0"] == pytest.approx(by_hand["scifact"], abs=1e-6)
+    assert scores["stsb"] == pytest.approx(by_hand["stsb"], abs=1e-6)
+    assert scores["0"] != pytest.approx(scores["stsb"], abs=1e-4)
+    # composed on the command line too: backbone=domain_moe ... eval.domain=1
+    code, _, err = _cli(capsys, "eval", "backbone=domain_moe", f"backbone.path={tiny_bert_path}", "data=stsb",
+                        f"data.eval.path={pairs}", "eval.bootstrap=20", f"output_dir={tmp_path / 'composed'}", "eval.domain=1")
+    assert code == 0, err
+
+
+def test_eval_domain_is_refused_where_it_would_be_ignored_or_is_missing(capsys, tmp_path, tiny_bert_path, data_dir):
+    pairs = tmp_path / "stsb.tsv"
+    pairs.write_text("\n".join((data_dir / "sts" / "stsb" / "test.tsv").read_text(encoding="utf-8").splitlines()[:11]) + "\n")
+    common = ["data=stsb", f"data.eval.path={pairs}", "eval.bootstrap=20", f"output_dir={tmp_path}"]
+    code, _, err = _cli(capsys, "eval", f"backbone.path={tiny_bert_path}", *common, "eval.domain=1")
+    assert code == 2 and "eval.domain=1 was given, but backbone 'hf_encoder' does not route by domain" in err
+    code, _, err = _cli(capsys, "eval", "backbone=domain_moe", f"backbone.path={tiny_bert_path}", *common)
+    assert code == 2 and "domain_moe needs a domain label" in err
+    code, _, err = _cli(capsys, "eval", "backbone=domain_moe", f"backbone.path={tiny_bert_path}", *common, "eval.domain=7")
+    assert code == 2 and "domain 7 is not one of domain_moe's domains" in err
 
 
 def test_the_saved_folder_is_a_plain_model_plus_the_experts(tiny_bert_path, tmp_path):

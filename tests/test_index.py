@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from embplex.errors import DimensionError, InputError, ModelFileError, OptionError
+from embplex.errors import DimensionError, EmptyIndexError, InputError, ModelFileError, OptionError
 from embplex.plugins.index.exact import ExactIndex
 
 
@@ -93,11 +93,10 @@ def test_accepts_torch_tensors_of_any_float_dtype():
     assert from_torch.search(queries, 3).ids == from_numpy.search(queries.numpy(), 3).ids
 
 
-def test_search_on_empty_index_returns_empty_rows():
+def test_search_on_empty_index_is_refused_naming_the_index_and_the_remedy():
     index = ExactIndex(dim=4)
-    result = index.search(np.ones((3, 4), dtype=np.float32), k=5)
-    assert result.ids == [[], [], []]
-    assert result.scores.shape == (3, 0)
+    with pytest.raises(EmptyIndexError, match=r"index 'exact' is empty: it holds no vectors to search\. Add vectors first"):
+        index.search(np.ones((3, 4), dtype=np.float32), k=5)
 
 
 def test_delete_removes_items_from_results():

@@ -86,6 +86,39 @@ def test_the_free_embedding_search_finds_the_largest_solved_n(monkeypatch):
     assert module.solve(3, 2, steps=300)["solved"]
 
 
+def _benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bm25_over_phrases_solves_the_limit_task_that_bags_of_words_cannot():
+    """The paper's point: LIMIT is easy lexically. Our items are three-word phrases of
+    shared words ("huge amber bicycles"), so BM25 needs the phrases (word n-grams); plain
+    BM25 over single words cannot tell "huge amber bicycles" from "huge violet bicycles"."""
+    elastic = _benchmark("elastic")
+    small, large = generate(), generate(distractors=1000)
+    phrases = elastic.bm25_limit(*small, elastic.BM25_NGRAMS["bm25_phrases"], bootstrap=20)
+    assert phrases["limit_recall@10"]["value"] == 1.0 and phrases["limit_recall@100"]["value"] == 1.0
+    assert phrases["limit_recall@2"]["value"] >= 0.9
+    low, high = phrases["limit_recall@2"]["ci"]
+    assert low <= phrases["limit_recall@2"]["value"] <= high
+    assert elastic.bm25_limit(*large, elastic.BM25_NGRAMS["bm25_phrases"], bootstrap=20)["limit_recall@10"]["value"] == 1.0
+    words = elastic.bm25_limit(*small, elastic.BM25_NGRAMS["bm25_words"], bootstrap=20)
+    assert words["limit_recall@2"]["value"] < 0.5
+
+
+def test_lexical_tokens_never_join_two_items():
+    elastic = _benchmark("elastic")
+    tokens = elastic.lexical_tokens("Ada Chen likes tiny red apples, huge blue owls.", (3,))
+    assert "tiny red apples" in tokens and "huge blue owls" in tokens
+    assert not any("apples" in t and "huge" in t for t in tokens)
+
+
 def test_the_elastic_study_runs_in_smoke_mode(tmp_path, tiny_bert_path, data_dir):
     import subprocess
     import sys
@@ -105,5 +138,7 @@ def test_the_elastic_study_runs_in_smoke_mode(tmp_path, tiny_bert_path, data_dir
         assert set(grid) == {"stsb_spearman", "limit_recall@2", "limit_recall@10", "limit_recall@100"}
         assert set(grid["stsb_spearman"]) == {"1,32", "3,32"}  # layers 1 and 3, the tiny model is 32 wide
         assert all(math.isfinite(cell["value"]) and len(cell["ci"]) == 2 for cell in grid["limit_recall@2"].values())
+    assert set(result["lexical"]) == {"bm25_words/small", "bm25_phrases/small"}
+    assert result["lexical"]["bm25_phrases/small"]["limit_recall@10"]["value"] == 1.0
     trained = embplex.load(tmp_path / "runs" / "matryoshka_2d" / "model")
     assert trained.recommended_sizes == [(1, 32), (2, 32), (3, 32)]

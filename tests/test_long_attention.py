@@ -140,6 +140,75 @@ def test_lambda_mask_refuses_window_zero(tiny_bert_path):
         compose(tiny_bert_path, {"name": "lambda_mask", "window": 0})
 
 
+def _capped(cap: int | None, n_global: int = 1, window: int = 64) -> dict:
+    return {"name": "lambda_mask", "n_global": n_global, "window": window, "distance_cap": cap}
+
+
+def test_lambda_mask_distance_cap_scores_far_pairs_at_the_cap_on_a_rotary_decoder(decoders):
+    """LM-Infinite's distance ceiling on RoPE: with the same query and key vector at every
+    position, a score depends only on the distance; beyond the cap it equals the score at
+    exactly the cap, within it the rotary model's own score."""
+    cap, length = 3, 12
+    model = compose(decoders["llama"], _capped(cap), "hf_decoder", "last_token")
+    model.encode(["one two three four five six seven eight nine ten eleven"])
+    positions = model.attention._positions  # what the backbone reported for that pass
+    assert positions.kind == "rotary"
+    ids = torch.arange(length)[None]
+    positions = type(positions)(ids=ids, kind="rotary", rotate=positions.rotate)
+    model.attention.feed_positions(positions)
+    head_dim = model.backbone.model.config.hidden_size // model.backbone.model.config.num_attention_heads
+    torch.manual_seed(0)
+    query = positions.rotate(torch.randn(head_dim).expand(1, 2, length, head_dim), ids[:, None, :])
+    key = positions.rotate(torch.randn(head_dim).expand(1, 2, length, head_dim), ids[:, None, :])
+    capped = model.attention.qk_scores(query, key, 0.5, 1)[0, 0]
+    plain = (query @ key.transpose(-1, -2) * 0.5)[0, 0]
+    for i in range(length):
+        for j in range(length):
+            distance = j - i
+            if abs(distance) <= cap:
+                assert torch.allclose(capped[i, j], plain[i, j], atol=1e-5)
+            else:  # scored as if exactly cap apart, on the same side
+                at_cap = plain[cap, 0] if distance < 0 else plain[0, cap]
+                assert torch.allclose(capped[i, j], at_cap, atol=1e-5), (i, j)
+    assert (plain[cap + 2 :, 0] - plain[cap, 0]).abs().max() > 1e-3  # the cap did change far pairs
+
+
+def test_lambda_mask_distance_cap_on_a_decoder_changes_nothing_within_the_cap(decoders):
+    texts = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat"]
+    path = decoders["llama"]
+    plain = compose(path, _capped(None), "hf_decoder", "last_token").encode(texts)
+    wide = compose(path, _capped(64), "hf_decoder", "last_token").encode(texts)  # longer than the texts
+    np.testing.assert_allclose(wide, plain, atol=1e-5)
+    narrow = compose(path, _capped(2), "hf_decoder", "last_token").encode(texts)
+    assert np.abs(narrow - plain).max() > 1e-3
+
+
+def test_lambda_mask_distance_cap_clips_the_positions_fed_to_an_absolute_position_model(tiny_bert_path):
+    fed = []
+    for cap in (None, 5):
+        model = compose(tiny_bert_path, _capped(cap))
+        table = model.backbone.model.embeddings.position_embeddings
+        hook = table.register_forward_hook(lambda module, args, out: fed.append(args[0].clone()))
+        model.encode(["one two three four five six seven eight nine ten eleven twelve"])
+        hook.remove()
+    width = fed[0].shape[-1]
+    assert width > 7 and torch.equal(fed[0][0], torch.arange(width))
+    assert torch.equal(fed[1][0], torch.arange(width).clamp(max=5))
+
+
+def test_lambda_mask_distance_cap_is_checked(tiny_bert_path):
+    from embplex.components import Positions
+
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(OptionError, match="distance_cap"):
+            LambdaMask(distance_cap=bad)
+    with pytest.raises(OptionError, match="distance_cap=8 needs a backbone with an absolute position table or Llama-style rotary"):
+        LambdaMask(distance_cap=8).feed_positions(Positions(ids=torch.arange(4)[None], kind="other"))
+    assert LambdaMask(distance_cap=None).feed_positions(Positions(ids=torch.arange(4)[None], kind="other")).tolist() == [[0, 1, 2, 3]]
+    with pytest.raises(OptionError, match="both compute the scores from queries and keys"):
+        compose(tiny_bert_path, [_capped(4), _capped(8)]).encode(["a b c"])
+
+
 def test_a_model_that_bypasses_the_attention_hooks_is_refused(tiny_bert_path, monkeypatch):
     """A model whose attention code does not go through transformers' AttentionInterface
     would silently ignore the mask: the backbone refuses it instead."""

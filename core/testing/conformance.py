@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..components import Features, Index, Loss, Pooling, SearchResult, TrainingBatch
-from ..errors import DimensionError, InputError, ModelFileError
+from ..errors import DimensionError, EmptyIndexError, InputError, ModelFileError
 
 __all__ = ["IndexContract", "LossContract", "PoolingContract"]
 
@@ -81,14 +81,24 @@ class IndexContract:
         index.add(ids, vectors)
         return index, ids, vectors
 
-    def test_a_new_index_is_empty_and_searches_to_empty_rows(self, make_index):
+    def test_searching_an_empty_index_is_refused_naming_it(self, make_index):
+        """Empty rows from an empty index would read as "nothing relevant" (a recall of 0
+        that looks like a result); the error names the index and says to add vectors."""
         index = make_index(self.dim)
         assert isinstance(index, Index), "an index derives from embplex.components.Index"
         assert len(index) == 0
-        result = index.search(_vectors(3, self.dim, seed=1), k=4)
-        assert isinstance(result, SearchResult)
-        assert result.ids == [[], [], []]
-        assert isinstance(result.scores, np.ndarray) and result.scores.shape == (3, 0)
+        with pytest.raises(EmptyIndexError, match=r"index '\w+' is empty.*[Aa]dd vectors"):
+            index.search(_vectors(3, self.dim, seed=1), k=4)
+        assert len(index) == 0
+
+    def test_an_index_emptied_by_delete_is_refused_too(self, make_index):
+        index, ids, vectors = self.filled(make_index, rows=3)
+        index.delete(ids)
+        assert len(index) == 0
+        with pytest.raises(EmptyIndexError):
+            index.search(vectors, k=1)
+        index.add(ids[:1], vectors[:1])  # and it works again once it holds vectors
+        assert index.search(vectors, k=1).ids == [[ids[0]]] * 3
 
     def test_search_result_shapes_and_types(self, make_index):
         index, ids, _ = self.filled(make_index)
@@ -317,6 +327,18 @@ class IndexContract:
                     type(index).load(tmp_path / "index")
             finally:
                 file.write_bytes(original)
+
+    def test_an_index_saved_in_another_format_version_is_refused(self, make_index, tmp_path: Path):
+        """A save whose manifest records another format version (an older or newer
+        embplex) is refused naming the format, not read as if it were this one's."""
+        index, _, _ = self.filled(make_index)
+        index.save(tmp_path / "index")
+        manifest_path = tmp_path / "index" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["format"] = manifest["format"] + 100
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(ModelFileError, match="format"):
+            type(index).load(tmp_path / "index")
 
     def test_an_index_saved_by_another_plugin_is_refused(self, make_index, tmp_path: Path):
         index, _, _ = self.filled(make_index)

@@ -52,6 +52,7 @@ class _Experts(nn.Module):
 
 class DomainMoE(TransformersBackbone, Backbone):
     auto_class = "AutoModel"
+    takes_domain = True
 
     def __init__(
         self,

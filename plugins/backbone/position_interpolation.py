@@ -119,6 +119,7 @@ class PositionInterpolation(Backbone):
         self.hidden_size = self.inner.hidden_size
         self.num_layers = self.inner.num_layers
         self.causal = self.inner.causal
+        self.takes_domain = self.inner.takes_domain
         self.max_length = target_length
         self.inner.max_length = target_length  # the inner tokenizer now truncates here
 

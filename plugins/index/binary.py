@@ -39,6 +39,7 @@ from embplex.indexing import (
     as_matrix,
     check_filter,
     check_k,
+    check_not_empty,
     empty_result,
     load_arrays,
     read_description,
@@ -241,6 +242,7 @@ class BinaryIndex(Index):
         k = check_k(k)
         matrix = self._prepare(queries, "queries")
         allowed = self._items.allowed(check_filter(filter))
+        check_not_empty(len(self), "binary")
         rescore = self.rescore if rescore is None else rescore
         if rescore and not self.keep_vectors:
             raise InputError(

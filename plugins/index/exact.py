@@ -19,7 +19,7 @@ import torch
 import embplex
 from embplex.components import Index, SearchResult
 from embplex.errors import InputError, ModelFileError, OptionError
-from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, empty_result
+from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, check_not_empty, empty_result
 
 # format 2 adds the items' metadata to index.json; format 1 (no metadata) still loads
 FORMAT_VERSION = 2
@@ -35,7 +35,8 @@ class ExactIndex(Index):
 
     Adding an id that is already stored raises :class:`~embplex.errors.InputError`
     (delete it first to replace it): silently overwriting would hide bugs such as a corpus
-    with duplicated document ids. Searching an empty index returns empty hit lists.
+    with duplicated document ids. Searching an empty index raises
+    :class:`~embplex.errors.EmptyIndexError`.
     """
 
     def __init__(
@@ -105,12 +106,14 @@ class ExactIndex(Index):
         """The ``k`` best stored items per query, best first.
 
         ``queries`` is ``[q, dim]`` or a single ``[dim]`` vector (answered as one row).
-        ``k`` larger than the index is capped at its size; an empty index gives empty rows.
+        ``k`` larger than the index is capped at its size; an empty index is refused
+        (``EmptyIndexError``); a filter nothing matches gives empty rows.
         ``filter`` keeps the items whose metadata match; ``rescore`` changes nothing (the
         scores are already those of the float vectors).
         """
         k = check_k(k)
         matrix = self._as_matrix(queries, "queries")
+        check_not_empty(len(self), "exact")
         allowed = self._items.allowed(check_filter(filter))
         if self.metric == "cosine":
             matrix = torch.nn.functional.normalize(matrix, dim=-1)

@@ -28,7 +28,7 @@ import numpy as np
 import embplex
 from embplex.components import Index, SearchResult
 from embplex.errors import InputError, ModelFileError, OptionError
-from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, empty_result, read_description, result, top_k
+from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, check_not_empty, empty_result, read_description, result, top_k
 
 FORMAT_VERSION = 1
 METADATA_FILE = "index.json"
@@ -197,6 +197,7 @@ class FaissIndex(Index):
         k = check_k(k)
         matrix = self._prepare(queries, "queries")
         allowed = self._items.allowed(check_filter(filter))
+        check_not_empty(len(self), "faiss")
         if rescore and self.structure == "ivfpq" and self.trained:
             raise InputError(
                 "index 'faiss' structure ivfpq keeps only product-quantized codes, no float vectors to rescore "

@@ -27,7 +27,7 @@ import numpy as np
 import embplex
 from embplex.components import Index, SearchResult
 from embplex.errors import InputError, ModelFileError, OptionError
-from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, empty_result, result, shortlist_search
+from embplex.indexing import ItemTable, as_matrix, check_filter, check_k, check_not_empty, empty_result, result, shortlist_search
 from embplex.indexing import load_arrays, read_description, save_arrays
 
 FORMAT_VERSION = 1
@@ -120,6 +120,7 @@ class MatryoshkaFunnelIndex(Index):
         k = check_k(k)
         matrix = as_matrix(queries, self.dim, "queries", "matryoshka_funnel", normalize=self.metric == "cosine")
         allowed = self._items.allowed(check_filter(filter))
+        check_not_empty(len(self), "matryoshka_funnel")
         rescore = self.rescore if rescore is None else rescore
         available = len(self) if allowed is None else int(allowed.sum())
         k = min(k, available)

@@ -37,7 +37,7 @@ import numpy as np
 import embplex
 from embplex.components import Index, SearchResult
 from embplex.errors import DimensionError, InputError, ModelFileError, OptionError
-from embplex.indexing import as_matrix, check_filter, check_ids, check_k, check_metadata, empty_result
+from embplex.indexing import as_matrix, check_filter, check_ids, check_k, check_metadata, check_not_empty, empty_result
 from embplex.indexing import preview, read_description
 
 FORMAT_VERSION = 1
@@ -244,7 +244,8 @@ class MilvusIndex(Index):
         matrix = as_matrix(queries, self.dim, "queries", "milvus", normalize=self.metric == "cosine")
         expression = _expression(check_filter(filter))
         size = len(self)
-        if size == 0 or matrix.shape[0] == 0:
+        check_not_empty(size, "milvus")
+        if matrix.shape[0] == 0:
             return empty_result(matrix.shape[0])
         search_params: dict[str, Any] = {"metric_type": "IP"}
         if self.index_type == "HNSW":

@@ -29,6 +29,7 @@ from torch import Tensor
 import embplex
 from embplex.components import Index, SearchResult
 from embplex.errors import DimensionError, InputError, ModelFileError, OptionError
+from embplex.indexing import check_k, check_not_empty
 
 FORMAT_VERSION = 1
 METADATA_FILE = "index.json"
@@ -235,11 +236,11 @@ class MuveraIndex(Index):
             raise InputError("index 'muvera' stores no metadata, so it cannot filter; pass filter=None.")
         if rescore is False:
             raise InputError("index 'muvera' always re-ranks its candidates by exact Chamfer similarity.")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"k must be a positive integer, not {k!r}.")
+        k = check_k(k)
         sets = self._as_sets(queries, "queries")
-        k = min(int(k), len(self))
-        if k == 0 or not sets:
+        check_not_empty(len(self), "muvera")
+        k = min(k, len(self))
+        if not sets:
             return SearchResult(ids=[[] for _ in sets], scores=np.zeros((len(sets), 0), dtype=np.float32))
         pool = len(self) if self.candidates is None else min(len(self), max(k, self.candidates))
         if pool == len(self):
