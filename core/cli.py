@@ -26,6 +26,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .distributed import shutdown
 from .errors import EmbplexError
 
 if TYPE_CHECKING:
@@ -44,8 +45,12 @@ OBJECTIVES = {"train": "loss", "eval": None, "quickstart": None}
 def cmd_train(cfg: dict[str, Any], registry: Any) -> Headline:
     from .app import run_train
 
+    from .distributed import is_main_process
+
     result = run_train(cfg, registry)
-    if result.already_complete:
+    if not is_main_process():  # under torchrun, rank 0 reports for all
+        pass
+    elif result.already_complete:
         print(
             f"the run in {result.model_path.parent} is already complete ({result.step} steps); model saved "
             f"to {result.model_path}. To train further, start from it with model.load={result.model_path} "
@@ -256,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins(rest)
         if command in SHELL_COMPLETION:
             return _complete_shell(argv)
-        return run_command(command, rest)
+        status = run_command(command, rest)
+        shutdown()  # under torchrun: leave the process group cleanly
+        return status
     except EmbplexError as exc:
         print(f"embplex {command}: error: {exc}", file=sys.stderr)
         return 2

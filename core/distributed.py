@@ -45,6 +45,7 @@ __all__ = [
     "launched_by_torchrun",
     "rank",
     "setup",
+    "shutdown",
     "world_size",
 ]
 
@@ -233,6 +234,12 @@ def broadcast_parameters(modules: Iterable[torch.nn.Module]) -> None:
         for module in modules:
             for tensor in [*module.parameters(), *module.buffers()]:
                 _collective("sharing the initial weights", lambda t=tensor: dist.broadcast(t.data, src=0))
+
+
+def shutdown() -> None:
+    """End the process group this process started (nothing when none runs)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
