@@ -26,7 +26,6 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .distributed import shutdown
 from .errors import EmbplexError
 
 if TYPE_CHECKING:
@@ -262,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in SHELL_COMPLETION:
             return _complete_shell(argv)
         status = run_command(command, rest)
+        from .distributed import shutdown
+
         shutdown()  # under torchrun: leave the process group cleanly
         return status
     except EmbplexError as exc:
