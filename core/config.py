@@ -277,6 +277,9 @@ class EncodeSection:
     truncation: Literal["warn", "silent", "error"]
     layer: int | None = None
     dim: int | None = None
+    shard_size: int = 10000
+    overwrite: bool = False
+    distributed_timeout: float = 3600.0
 
 
 @dataclasses.dataclass
@@ -291,6 +294,7 @@ class SearchSection:
     k: int
     query: str | None
     rebuild: bool
+    embeddings: str | None = None
 
 
 @dataclasses.dataclass
