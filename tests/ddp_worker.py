@@ -2,7 +2,7 @@
 environment torchrun would give it (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ...).
 
     python tests/ddp_worker.py train SPEC.json      train; write rank<r>.pt (losses, weights)
-    python tests/ddp_worker.py refusals SPEC.json   build trainers that must be refused
+    python tests/ddp_worker.py refusals SPEC.json   train, then build trainers that must be refused
 
 ``SPEC.json`` holds the model folder, the output folder, the loss and the settings; a
 ``die`` entry ``{"rank": r, "at_step": s}`` makes rank ``r`` exit abruptly (``os._exit``,
@@ -75,7 +75,9 @@ def run_train(spec: dict) -> None:
 
 
 def run_refusals(spec: dict) -> None:
-    """Each case must raise before training; record the messages (rank 0 writes them)."""
+    """Train (a checkpoint to resume from), then build trainers that must raise before
+    training; record their messages (rank 0 writes them)."""
+    run_train(spec)
     registry = embplex.load_registry()
     messages = {}
     cases = {

@@ -167,7 +167,6 @@ def test_a_dead_process_stops_the_others_and_the_run_resumes_exactly(model_path,
 def test_what_cannot_run_across_processes_is_refused_before_training(model_path, tmp_path):
     output = tmp_path / "ddp"
     spec = {"model": model_path, "output": str(output), "loss": LOSSES["infonce"], "settings": {**SETTINGS, "max_steps": 2}}
-    assert_ok(launch("train", spec, tmp_path))  # a checkpoint at step 2 to resume from
     assert_ok(launch("refusals", spec, tmp_path))
     messages = json.loads((output / "refusals.json").read_text())
     assert "train.batch_size=3 does not split evenly over 2 processes" in messages["batch"]
@@ -189,3 +188,24 @@ def test_every_loss_says_whether_it_is_distributed_correct(registry):
     wrapped = registry.create("loss", "matryoshka", dims=[16], inner={"name": "late_interaction"})
     assert wrapped.distributed_problem() == registry.create("loss", "late_interaction").distributed_problem()
     assert embplex.Loss().distributed_problem() is not None  # unchecked: refused
+
+
+def test_torchrun_launches_the_embplex_command(tmp_path, tiny_bert_path, data_dir):
+    """The documented launch form: `torchrun --nproc_per_node 2 -m embplex train ...`;
+    the run reports, logs and saves once."""
+    out = tmp_path / "run"
+    command = [
+        str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "embplex", "train", f"backbone.path={tiny_bert_path}", f"data.root={data_dir}", "data=stsb",
+        "data.train.limit=32", "train.batch_size=8", "train.max_steps=2", "train.checkpoint_every=1",
+        "train.progress_bar=false", "train.tensorboard=false", f"output_dir={out}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", EMBPLEX_DATA=str(data_dir))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_LIMIT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 2 steps") == 1
+    assert [p.name for p in list_checkpoints(out)] == ["step-1", "step-2"]
+    trainer_state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert trainer_state["config"]["processes"] == 2
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    embplex.load(out / "model")
