@@ -709,7 +709,8 @@ class Trainer:
             context.step = progress.step
             progress.elapsed = time.monotonic() - started
             # each micro-loss is this process's share of the global batch's mean loss
-            last_loss = float(distributed.all_reduce_sum(float(np.sum(micro_losses)))) / len(micro_losses)
+            # (on the model's device: NCCL reduces CUDA tensors only)
+            last_loss = float(distributed.all_reduce_sum(float(np.sum(micro_losses)), self.device)) / len(micro_losses)
             micro_losses.clear()
             progress.log_window.append(last_loss)
             if main and (progress.step % settings.log_every == 0 or progress.step == self.total_steps):
