@@ -157,7 +157,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # reduced in place: never the caller's buffer
         # the whole gathered gradient is summed (the rows are few next to the model),
         # then each process keeps its own rows
         _collective("summing embedding gradients", lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM))

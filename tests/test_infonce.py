@@ -173,6 +173,10 @@ def _worker(process: int, port: int, results: dict) -> None:
         for symmetric in (False, True):
             value = InfoNCE(symmetric=symmetric).compute(shard, _batch(NEGATIVES))
             results[f"loss{process}-{symmetric}"] = (value.item(), half)
+        # progressive normalises its weights over the global batch, not the local slice
+        from embplex.plugins.loss.progressive import Progressive
+
+        results[f"progressive{process}"] = (Progressive(steps=10).eval().compute(shard, _batch(NEGATIVES)).item(), half)
     finally:
         dist.destroy_process_group()
 
@@ -197,3 +201,8 @@ def test_two_processes_gather_and_share_negatives():
         parts = [results[f"loss{process}-{symmetric}"] for process in (0, 1)]
         combined = sum(value * count for value, count in parts) / BATCH
         assert combined == pytest.approx(_reference(full, 0.05, symmetric), rel=1e-5)
+    from embplex.plugins.loss.progressive import Progressive
+
+    parts = [results[f"progressive{process}"] for process in (0, 1)]
+    combined = sum(value * count for value, count in parts) / BATCH
+    assert combined == pytest.approx(Progressive(steps=10).eval().compute(full, _batch(NEGATIVES)).item(), rel=1e-5)
