@@ -208,7 +208,9 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Replace every gradient by its mean over the processes, in one flat all-reduce.
 
     A parameter without a gradient here counts as a zero gradient, so every process sends
-    the same layout even when a branch of the model saw no input on one of them.
+    the same layout even when a branch of the model saw no input on one of them. One
+    without a gradient on every process keeps none, as in one process: the optimizer then
+    skips it (AdamW would otherwise decay it, which one process does not).
     """
     if not is_distributed():
         return
@@ -216,13 +218,16 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     if not parameters:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+    has_grad = torch.tensor([float(p.grad is not None) for p in parameters], device=parameters[0].device)
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [has_grad])
     _collective("averaging gradients", lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
-    flat /= dist.get_world_size()
+    present = flat[-len(parameters) :].tolist()
+    flat = flat[: -len(parameters)] / dist.get_world_size()
     offset = 0
-    for parameter in parameters:
+    for parameter, count_with_grad in zip(parameters, present):
         count = parameter.numel()
-        parameter.grad = flat[offset : offset + count].view_as(parameter).to(parameter.dtype).clone()
+        if count_with_grad:
+            parameter.grad = flat[offset : offset + count].view_as(parameter).to(parameter.dtype).clone()
         offset += count
 
 
