@@ -171,6 +171,12 @@ def test_two_processes_train_the_single_process_model(model_path, tmp_path, loss
     # and the steps moved the weights far more than that tolerance
     initial = embplex.compose({"name": "hf_encoder", "path": model_path}, pooling="mean").state_dict()
     assert max(float((reference[n] - t).abs().max()) for n, t in initial.items()) > 1e-4
+    # what one process leaves untouched (BERT's pooler: no gradient, so AdamW skips it,
+    # weight decay included) every process leaves untouched, bit for bit
+    untouched = [n for n, t in initial.items() if torch.equal(reference[n], t)]
+    assert any("pooler" in n for n in untouched)
+    for result in results:
+        assert all(torch.equal(result["state"][n], initial[n]) for n in untouched)
     # rank 0 wrote the checkpoints and the model, once
     assert [p.name for p in list_checkpoints(output)] == ["step-2", "step-4"]
     saved = embplex.load(output / "model")
