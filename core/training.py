@@ -11,6 +11,11 @@ everything else that changes during training. A run killed after checkpoint N an
 started again with the same configuration ends with the same weights, bit for bit, as a
 run that was never interrupted.
 
+Under ``torchrun`` (``torchrun --nproc_per_node N -m embplex train ...``) the same loop
+runs data-parallel: every process takes its slice of each global batch, gradients are
+averaged (:mod:`embplex.distributed`), and only rank 0 writes files; the weights equal one
+process's on the same global batch (``docs/concepts.md``, "Losses across processes").
+
 A rerun whose newest checkpoint is the last step trains nothing and reports
 ``already_complete``; Ctrl-C raises :class:`~embplex.errors.TrainingInterrupted` naming
 the last checkpoint; a new run deletes what killed saves left (``.model.tmp-<pid>@<host>-*``).
