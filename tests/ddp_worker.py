@@ -68,7 +68,7 @@ def run_train(spec: dict) -> None:
     distributed.setup(settings.distributed_timeout)
     if "die" in spec:
         die_at(spec["die"]["rank"], spec["die"]["at_step"])
-    result = train(model, examples(), loss, sampler, settings, **trainer_args)
+    result = train(model, examples(spec.get("examples", 16)), loss, sampler, settings, **trainer_args)
     out = Path(spec["output"]) / f"rank{distributed.rank()}.pt"
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     torch.save({"losses": losses, "state": state, "step": result.step}, out)

@@ -99,34 +99,38 @@ def launch(mode: str, spec: dict, tmp: Path, processes: int = 2) -> list[subproc
 _REFERENCES: dict[tuple[str, str], tuple[list[float], dict]] = {}
 
 
-def single_process(model_path: str, loss: dict, output: Path) -> tuple[list[float], dict]:
+def single_process(
+    model_path: str, loss: dict, output: Path, settings: dict = SETTINGS, count: int = 16
+) -> tuple[list[float], dict]:
     """The reference: one process, the same global batches, in this process (once per
-    model and loss in a session)."""
-    key = (model_path, json.dumps(loss, sort_keys=True))
+    model, loss, settings and data in a session)."""
+    key = (model_path, json.dumps([loss, settings, count], sort_keys=True))
     if key not in _REFERENCES:
-        _REFERENCES[key] = _train_single(model_path, loss, output)
+        _REFERENCES[key] = _train_single(model_path, loss, output, settings, count)
     return _REFERENCES[key]
 
 
-def _train_single(model_path: str, loss: dict, output: Path) -> tuple[list[float], dict]:
+def _train_single(model_path: str, loss: dict, output: Path, settings: dict, count: int) -> tuple[list[float], dict]:
     # One thread, as every worker: with several, the CPU kernels' summation order (and
     # so the last bits) may change from run to run, and Adam divides tiny gradients by
     # their own size, which can turn a difference in the last bits into one above 1e-5.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_single_thread(model_path, loss, output)
+        return _train_single_thread(model_path, loss, output, settings, count)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_single_thread(model_path: str, loss: dict, output: Path) -> tuple[list[float], dict]:
+def _train_single_thread(
+    model_path: str, loss: dict, output: Path, settings: dict, count: int
+) -> tuple[list[float], dict]:
     registry = embplex.load_registry()
     model, loss_module, sampler = ddp_worker.build({"model": model_path, "loss": loss}, registry)
     losses: list[float] = []
     torch.manual_seed(0)
     train(
-        model, ddp_worker.examples(), loss_module, sampler, TrainSettings(**SETTINGS), output_dir=output,
+        model, ddp_worker.examples(count), loss_module, sampler, TrainSettings(**settings), output_dir=output,
         registry=registry, callbacks=[lambda info: losses.append(info.loss)],
     )
     return losses, model.state_dict()
@@ -183,6 +187,20 @@ def test_two_processes_train_the_single_process_model(model_path, tmp_path, loss
     assert_same_weights(saved.state_dict(), reference)
     rows = (output / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + SETTINGS["max_steps"]
+
+
+def test_a_batch_that_does_not_split_evenly_is_weighted_by_each_slice(model_path, tmp_path):
+    """19 examples in batches of 8: the last batch, 3 examples, splits 1 + 2. Each
+    process's loss counts by its share of the rows, and the run still equals one process."""
+    settings = {**SETTINGS, "max_steps": None, "epochs": 1, "checkpoint_every": 0}
+    reference_losses, reference = single_process(model_path, LOSSES["infonce"], tmp_path / "single", settings, 19)
+    output = tmp_path / "ddp"
+    spec = {"model": model_path, "output": str(output), "loss": LOSSES["infonce"], "settings": settings, "examples": 19}
+    assert_ok(launch("train", spec, tmp_path))
+    result = torch.load(output / "rank0.pt")
+    assert len(reference_losses) == 3
+    assert result["losses"] == pytest.approx(reference_losses, abs=1e-5)
+    assert_same_weights(result["state"], reference)
 
 
 def test_a_dead_process_stops_the_others_and_the_run_resumes_exactly(model_path, tmp_path):
