@@ -44,6 +44,7 @@ __all__ = [
     "is_main_process",
     "launched_by_torchrun",
     "rank",
+    "same_on_every_process",
     "setup",
     "shutdown",
     "world_size",
@@ -245,6 +246,16 @@ def shutdown() -> None:
     """End the process group this process started (nothing when none runs)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def same_on_every_process(digest: bytes, device: torch.device | None = None) -> bool:
+    """Whether every process holds the same ``digest`` (its first 8 bytes are compared)."""
+    if not is_distributed():
+        return True
+    mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    _collective("comparing batches", lambda: dist.all_gather(everyone, mine))
+    return all(bool((other == mine).all()) for other in everyone)
 
 
 def barrier() -> None:

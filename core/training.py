@@ -494,6 +494,18 @@ class Trainer:
                 "processes')."
             )
 
+    def _check_same_batch(self, batch: list[Example], epoch: int, position: int) -> None:
+        """Refuse a sampler that yields different batches on different processes: the
+        slices would then come from different batches, silently not the global one."""
+        digest = hashlib.sha256(json.dumps([dataclasses.astuple(e) for e in batch], default=str).encode("utf-8"))
+        if not distributed.same_on_every_process(digest.digest(), self.device):
+            raise InputError(
+                f"sampler {type(self.sampler).__name__} yielded different batches on different processes "
+                f"(epoch {epoch}, batch {position}); under torchrun every process runs the sampler and takes its "
+                "slice, so batches must be a pure function of (examples, batch_size, seed, epoch) and the "
+                "sampler's state, never of the process (its rank, its own random state)."
+            )
+
     def _slice(self, batch: list[Example]) -> list[Example]:
         """This process's contiguous slice of a global batch."""
         rows, world = len(batch), self.processes
@@ -752,6 +764,7 @@ class Trainer:
                         continue  # done before the checkpoint we resumed from
                     everything = self.sampler.examples_of(self.examples, indices)
                     if self.processes > 1:
+                        self._check_same_batch(everything, epoch, position)
                         mine = self._slice(everything)
                         batch = make_training_batch(self.model.backbone, mine, slice_of=everything)
                     else:

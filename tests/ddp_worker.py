@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import traceback
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 import embplex
 import embplex.distributed as distributed
-from embplex.components import Example
+from embplex.components import Example, Sampler
 from embplex.errors import EmbplexError
 from embplex.testing import WORDS
 from embplex.training import TrainSettings, train
@@ -74,6 +75,19 @@ def run_train(spec: dict) -> None:
     torch.save({"losses": losses, "state": state, "step": result.step}, out)
 
 
+class RankDependentSampler(Sampler):
+    """Wrong on purpose: each process shuffles with its own rank."""
+
+    def batches(self, examples, batch_size, seed, epoch, context):
+        order = list(range(len(examples)))
+        random.Random(distributed.rank()).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
+
+    def num_batches(self, examples, batch_size):
+        return -(-len(examples) // batch_size)
+
+
 def run_refusals(spec: dict) -> None:
     """Train (a checkpoint to resume from), then build trainers that must raise before
     training; record their messages (rank 0 writes them)."""
@@ -94,6 +108,14 @@ def run_refusals(spec: dict) -> None:
             messages[case] = None
         except EmbplexError as error:
             messages[case] = f"{type(error).__name__}: {error}"
+    # a sampler whose batches depend on the process: stopped at its first batch
+    model, loss, _ = build(spec, registry)
+    settings = TrainSettings(**{**spec["settings"], "resume": False})
+    try:
+        train(model, examples(), loss, RankDependentSampler(), settings, output_dir=Path(spec["output"]) / "rank-sampler")
+        messages["sampler"] = None
+    except EmbplexError as error:
+        messages["sampler"] = f"{type(error).__name__}: {error}"
     if distributed.rank() == 0:
         (Path(spec["output"]) / "refusals.json").write_text(json.dumps(messages))
 

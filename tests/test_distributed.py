@@ -233,6 +233,7 @@ def test_what_cannot_run_across_processes_is_refused_before_training(model_path,
     assert "train.batch_size=3 does not split evenly over 2 processes" in messages["batch"]
     assert "LateInteraction cannot train across 2 processes" in messages["loss"]
     assert messages["config"].startswith("CheckpointMismatchError") and "settings.lr: 0.0001" in messages["config"]
+    assert "RankDependentSampler yielded different batches on different processes (epoch 0, batch 0)" in messages["sampler"]
 
 
 def test_every_loss_says_whether_it_is_distributed_correct(registry):
