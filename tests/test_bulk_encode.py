@@ -149,6 +149,13 @@ def test_a_corrupt_shard_is_encoded_again_and_another_models_folder_refused(caps
     assert shard_bytes(folder)["manifest.json"] != before["manifest.json"]
 
 
+def test_one_npy_file_is_refused_under_torchrun(capsys, tmp_path, tiny_bert_path, texts, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing starts before the refusal
+    code, _, err = run(capsys, "encode", f"backbone.path={tiny_bert_path}", f"encode.input={texts}", f"output_dir={tmp_path}")
+    assert code == 2 and "one .npy file, which one process writes" in err and "encode.output=<folder name>" in err
+    assert not (tmp_path / "embeddings.npy").exists()
+
+
 def test_an_unwritable_output_fails_before_encoding(tmp_path, texts):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
