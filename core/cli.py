@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .config import Job
 
 COMMANDS = ("train", "eval", "encode", "index", "serve", "quickstart", "plugins", "config")
+# what runs across torchrun's processes (docs/scaling.md); the others refuse it
+PARALLEL_COMMANDS = ("train", "encode", "plugins", "config")
 QUICKSTART_DEFAULTS = ["experiment=quickstart"]
 
 # Each command's body takes the plain config and the registry and returns the job's
@@ -255,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"embplex: unknown command '{command}'. Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if command not in PARALLEL_COMMANDS and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        print(
+            f"embplex {command}: error: this command runs in one process; launch it without torchrun "
+            f"(under torchrun: {', '.join(PARALLEL_COMMANDS)}).",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if command == "plugins":
             return cmd_plugins(rest)

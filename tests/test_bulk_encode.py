@@ -156,6 +156,13 @@ def test_one_npy_file_is_refused_under_torchrun(capsys, tmp_path, tiny_bert_path
     assert not (tmp_path / "embeddings.npy").exists()
 
 
+def test_commands_that_run_in_one_process_refuse_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in ("eval", "index", "serve", "quickstart"):
+        code, _, err = run(capsys, command)
+        assert code == 2 and f"embplex {command}: error: this command runs in one process" in err
+
+
 def test_an_unwritable_output_fails_before_encoding(tmp_path, texts):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
