@@ -21,6 +21,7 @@ BENCHMARKS = {
     "indexes": "bench_indexes",
     "late_interaction": "late_interaction",  # the study of conf/experiment/late_interaction.yaml
     "serve": "bench_serve",
+    "ddp": "ddp",  # 1 vs 2 processes under torchrun: training and bulk encoding
 }
 
 

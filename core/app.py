@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import storage
+from . import distributed, storage
 from .components import Index
 from .config import component_config, options_of
 from .errors import DimensionError, InputError, ModelFileError
@@ -209,16 +209,26 @@ def run_eval(
 
 
 def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
-    """Embed ``encode.input`` (one text per line, no blank lines) into ``encode.output``.
+    """Embed ``encode.input`` into ``encode.output``.
 
-    Row ``i`` of the ``.npy`` file is line ``i + 1`` of the input; the line numbers are
-    written beside it (:func:`ids_path`), one per row. Both files are written atomically.
+    An output name ending in ``.npy``: one text per line (no blank lines) into one
+    ``.npy`` file; row ``i`` is line ``i + 1`` of the input, and the line numbers are
+    written beside it (:func:`ids_path`). Both files are written atomically. Any other
+    name: a folder of Parquet shards, streamed, resumable and split over ``torchrun``'s
+    processes (:mod:`embplex.bulk`).
     """
     from .data import read_texts
 
     settings = cfg["encode"]
     if not settings.get("input"):
-        raise InputError("say what to encode: encode.input=<file with one text per line>.")
+        raise InputError("say what to encode: encode.input=<file with one text per line, .jsonl file or BEIR folder>.")
+    if not str(settings["output"]).endswith(".npy"):
+        return _encode_shards(cfg, registry)
+    if distributed.launched_by_torchrun():
+        raise InputError(
+            f"encode.output={settings['output']} is one .npy file, which one process writes; under torchrun "
+            "write shards instead: encode.output=<folder name>."
+        )
     texts = read_texts(settings["input"])
     model = build_model(cfg, registry)
     model.check_domain(settings.get("domain"), "encode.domain")
@@ -238,6 +248,27 @@ def run_encode(cfg: dict[str, Any], registry: Registry) -> Path:
     with storage.atomic_file(ids_path(target)) as ids_file, storage.atomic_file(target) as vectors_file:
         ids_file.write("".join(f"{line}\n" for line in range(1, len(texts) + 1)).encode("utf-8"))
         np.save(vectors_file, vectors, allow_pickle=False)
+    return target
+
+
+def _encode_shards(cfg: dict[str, Any], registry: Registry) -> Path:
+    from .bulk import EncodeJob, encode_to_shards
+
+    settings = cfg["encode"]
+    target = output_dir(cfg) / settings["output"]
+    model = build_model(cfg, registry)
+    model.check_domain(settings.get("domain"), "encode.domain")
+    distributed.setup(settings["distributed_timeout"], model.device)
+    job = EncodeJob(
+        batch_size=settings["batch_size"],
+        shard_size=settings["shard_size"],
+        prompt=settings.get("prompt"),
+        truncation=settings["truncation"],
+        layer=settings.get("layer"),
+        dim=settings.get("dim"),
+        domain=settings.get("domain"),
+    )
+    encode_to_shards(model, settings["input"], target, job, model_fingerprint(model), overwrite=settings["overwrite"])
     return target
 
 
@@ -283,13 +314,38 @@ def run_index(
             return saved, corpus
         print(f"building the index: {why_not}", flush=True)
     ids = list(corpus)
-    if vectors is None:
+    if vectors is None and cfg["search"].get("embeddings"):
+        ids, vectors = _vectors_from_shards(cfg, model, built_from["corpus"])
+    elif vectors is None:
         vectors = model.encode([corpus[i] for i in ids], batch_size=cfg["eval"]["batch_size"], show_progress=True)
     index = make_index(model.dim)
     index.add(ids, vectors)
     index.built_from = built_from
     index.save(target)
     return index, corpus
+
+
+def _vectors_from_shards(cfg: dict[str, Any], model: EmbeddingModel, corpus_sha256: str) -> tuple[list[str], np.ndarray]:
+    """The corpus's vectors from ``search.embeddings`` (``embplex encode`` shards), checked:
+    complete, every shard's checksum, the configured model's fingerprint, the corpus file."""
+    from .bulk import read_shards, verify_output
+
+    folder = Path(cfg["search"]["embeddings"]).expanduser()
+    manifest = verify_output(folder, model_fingerprint(model))
+    if manifest["input"]["sha256"] != corpus_sha256:
+        raise InputError(
+            f"search.embeddings={folder} was encoded from {manifest.get('input_path')}, not from the corpus of "
+            f"data={cfg['data']['name']} (their SHA-256 differ); encode that corpus (encode.input=<its folder>), "
+            "or configure the data set the shards come from."
+        )
+    settings = manifest["settings"]
+    if settings.get("prompt") or settings.get("layer") or settings.get("dim"):
+        raise InputError(
+            f"search.embeddings={folder} was encoded with prompt/layer/dim settings ({settings}); the index "
+            "searches with the model's plain embeddings, so encode the corpus without them."
+        )
+    print(f"building the index from the verified shards in {folder} (nothing encoded again)", flush=True)
+    return read_shards(folder, manifest=manifest)
 
 
 def index_provenance(cfg: dict[str, Any], model: EmbeddingModel) -> dict[str, Any]:

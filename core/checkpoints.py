@@ -227,8 +227,14 @@ class Checkpoints:
 
     # -- writing -------------------------------------------------------------------
 
-    def save(self, progress: Progress, parts: Resumable, total_steps: int) -> Path:
-        """Write ``step-N`` atomically, then delete the oldest beyond ``keep``."""
+    def save(
+        self, progress: Progress, parts: Resumable, total_steps: int, rng_states: list[dict[str, Any]] | None = None
+    ) -> Path:
+        """Write ``step-N`` atomically, then delete the oldest beyond ``keep``.
+
+        :param rng_states: under data-parallel training, every process's random state in
+            rank order (:func:`capture_rng` on each); by default this process's.
+        """
         import embplex
 
         path = self.root / f"step-{progress.step}"
@@ -240,7 +246,8 @@ class Checkpoints:
                 "scheduler": parts.scheduler.state_dict(),
                 "loss": parts.loss.state_dict(),
                 "sampler": sampler_state,
-                "rng": capture_rng(),
+                "rng": rng_states[0] if rng_states else capture_rng(),
+                **({"rng_processes": rng_states} if rng_states and len(rng_states) > 1 else {}),
                 "progress": {
                     "step": progress.step,
                     "epoch": progress.epoch,
@@ -297,8 +304,12 @@ class Checkpoints:
             )
         return saved
 
-    def restore(self, checkpoint: Path, parts: Resumable) -> Progress:
-        """Put every part back in its state at ``checkpoint``; return where the run was."""
+    def restore(self, checkpoint: Path, parts: Resumable, process: int = 0) -> Progress:
+        """Put every part back in its state at ``checkpoint``; return where the run was.
+
+        :param process: this process's rank, whose random state it takes back (the
+            config hash has made sure the checkpoint had as many processes).
+        """
         from .model import EmbeddingModel, spec_entries
 
         self.check(checkpoint)
@@ -323,7 +334,13 @@ class Checkpoints:
                 "configuration that wrote it."
             ) from exc
         parts.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
+        per_process = state.get("rng_processes")
+        if process and (not isinstance(per_process, list) or process >= len(per_process)):
+            raise CheckpointMismatchError(
+                f"{checkpoint / STATE_FILE} holds no random state for process {process}; resume with as "
+                "many processes as the run that wrote it."
+            )
+        restore_rng(per_process[process] if process else state["rng"])
         saved = state["progress"]
         return Progress(
             step=int(saved["step"]),

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .config import Job
 
 COMMANDS = ("train", "eval", "encode", "index", "serve", "quickstart", "plugins", "config")
+# what runs across torchrun's processes (docs/scaling.md); the others refuse it
+PARALLEL_COMMANDS = ("train", "encode", "plugins", "config")
 QUICKSTART_DEFAULTS = ["experiment=quickstart"]
 
 # Each command's body takes the plain config and the registry and returns the job's
@@ -44,8 +46,12 @@ OBJECTIVES = {"train": "loss", "eval": None, "quickstart": None}
 def cmd_train(cfg: dict[str, Any], registry: Any) -> Headline:
     from .app import run_train
 
+    from .distributed import is_main_process
+
     result = run_train(cfg, registry)
-    if result.already_complete:
+    if not is_main_process():  # under torchrun, rank 0 reports for all
+        pass
+    elif result.already_complete:
         print(
             f"the run in {result.model_path.parent} is already complete ({result.step} steps); model saved "
             f"to {result.model_path}. To train further, start from it with model.load={result.model_path} "
@@ -251,12 +257,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"embplex: unknown command '{command}'. Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if command not in PARALLEL_COMMANDS and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        print(
+            f"embplex {command}: error: this command runs in one process; launch it without torchrun "
+            f"(under torchrun: {', '.join(PARALLEL_COMMANDS)}).",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if command == "plugins":
             return cmd_plugins(rest)
         if command in SHELL_COMPLETION:
             return _complete_shell(argv)
-        return run_command(command, rest)
+        status = run_command(command, rest)
+        from .distributed import shutdown
+
+        shutdown()  # under torchrun: leave the process group cleanly
+        return status
     except EmbplexError as exc:
         print(f"embplex {command}: error: {exc}", file=sys.stderr)
         return 2

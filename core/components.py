@@ -724,6 +724,25 @@ class Loss(Component):
 
     teacher_scores: str | None = None
 
+    #: Whether this loss trains the same model under data-parallel training as in one
+    #: process on the same global batch (``docs/concepts.md``, "Losses across
+    #: processes"): its value is a mean over the local anchors of per-anchor terms, and
+    #: everything it takes from the rest of the batch comes through
+    #: :func:`embplex.distributed.gather_with_offset`. Off by default: a loss that has not
+    #: been checked is refused under more than one process.
+    distributed_correct: bool = False
+
+    def distributed_problem(self) -> str | None:
+        """Why this loss, with these options, would not train the single-process model
+        under more than one process (``None``: it would). The trainer calls it once when
+        ``torch.distributed`` runs more than one process and refuses to start on an
+        answer. The default reads :attr:`distributed_correct`; a loss whose answer depends
+        on its options overrides it, and a wrapping loss returns its inner loss's answer
+        when its own part is correct."""
+        if self.distributed_correct:
+            return None
+        return "it does not declare itself distributed-correct (Loss.distributed_correct)"
+
     def forward(self, model: "EmbeddingModel", batch: TrainingBatch) -> Tensor:
         embeddings = self.embed(model, batch)
         return self.compute({role: by_layer[None] for role, by_layer in embeddings.items()}, batch)

@@ -278,6 +278,9 @@ class EncodeSection:
     layer: int | None = None
     dim: int | None = None
     domain: str | int | None = None  # for a backbone that routes by domain (Backbone.takes_domain)
+    shard_size: int = 10000
+    overwrite: bool = False
+    distributed_timeout: float = 3600.0
 
 
 @dataclasses.dataclass
@@ -293,6 +296,7 @@ class SearchSection:
     k: int
     query: str | None
     rebuild: bool
+    embeddings: str | None = None
 
 
 @dataclasses.dataclass

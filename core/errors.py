@@ -86,3 +86,8 @@ class DeviceError(EmbplexError, ValueError):
 
 class OutOfMemoryError(EmbplexError, MemoryError):
     """The accelerator ran out of memory and embplex could not work around it."""
+
+
+class DistributedError(EmbplexError, RuntimeError):
+    """Data-parallel training could not go on: the process group did not start, or a
+    collective failed (another process died, or did not answer within the timeout)."""

@@ -11,6 +11,11 @@ everything else that changes during training. A run killed after checkpoint N an
 started again with the same configuration ends with the same weights, bit for bit, as a
 run that was never interrupted.
 
+Under ``torchrun`` (``torchrun --nproc_per_node N -m embplex train ...``) the same loop
+runs data-parallel: every process takes its slice of each global batch, gradients are
+averaged (:mod:`embplex.distributed`), and only rank 0 writes files; the weights equal one
+process's on the same global batch (``docs/concepts.md``, "Losses across processes").
+
 A rerun whose newest checkpoint is the last step trains nothing and reports
 ``already_complete``; Ctrl-C raises :class:`~embplex.errors.TrainingInterrupted` naming
 the last checkpoint; a new run deletes what killed saves left (``.model.tmp-<pid>@<host>-*``).
@@ -42,7 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoints import Checkpoints, Progress, Resumable, latest_checkpoint, list_checkpoints
+from . import distributed
+from .checkpoints import Checkpoints, Progress, Resumable, capture_rng, latest_checkpoint, list_checkpoints
 from .components import Example, Features, Index, Loss, Sampler, TrainingBatch, TrainingContext
 from .devices import is_out_of_memory
 from .errors import InputError, OptionError, OutOfMemoryError, TrainingInterrupted
@@ -98,6 +104,8 @@ class TrainSettings:
     :param progress_bar: show a tqdm progress bar.
     :param resume: continue from the newest checkpoint in the output folder; when off,
         existing checkpoints there are deleted.
+    :param distributed_timeout: under ``torchrun``, seconds a process waits for the others
+        at a collective before it stops with an error (a process that died).
     """
 
     batch_size: int = 32
@@ -117,6 +125,7 @@ class TrainSettings:
     tensorboard: bool = True
     progress_bar: bool = True
     resume: bool = True
+    distributed_timeout: float = 300.0
 
     # Settings that change how a run is recorded, not what it computes: resuming with a
     # different value is fine, so they stay out of the config hash.
@@ -127,6 +136,7 @@ class TrainSettings:
         "tensorboard",
         "progress_bar",
         "resume",
+        "distributed_timeout",
     )
 
     @classmethod
@@ -162,6 +172,10 @@ class TrainSettings:
             raise OptionError("training.checkpoint_every must be 0 (off) or a number of steps.")
         if self.keep_checkpoints is not None and self.keep_checkpoints != 0:
             positive("keep_checkpoints", self.keep_checkpoints)
+        if not (isinstance(self.distributed_timeout, (int, float)) and self.distributed_timeout > 0):
+            raise OptionError(
+                f"training.distributed_timeout must be a positive number of seconds, not {self.distributed_timeout!r}."
+            )
 
     def computational(self) -> dict[str, Any]:
         """The settings that determine the trained weights (what the config hash covers)."""
@@ -178,6 +192,9 @@ class StepInfo:
 
     A callback that raises ends the run after this step; ``train`` called again with the
     same arguments resumes from the newest checkpoint.
+
+    Under ``torchrun`` callbacks run in the rank-0 process only (the one that logs,
+    saves and evaluates).
 
     :param step: the optimizer step just done, counting from 1.
     :param epoch: the epoch it belongs to, counting from 0.
@@ -275,28 +292,34 @@ def tokenize_with_prompts(backbone: Any, texts: Sequence[str], prompts: Sequence
     return _merge_features(parts, groups, _pad_id(backbone))
 
 
-def make_training_batch(backbone: Any, examples: Sequence[Example]) -> TrainingBatch:
+def make_training_batch(
+    backbone: Any, examples: Sequence[Example], slice_of: Sequence[Example] | None = None
+) -> TrainingBatch:
     """Tokenize a batch per role.
 
     Anchors get their example's ``prompt``. Every anchor keeps the same number of hard
     negatives, the smallest count in the batch (the first ones of each example), flattened
     anchor-major. ``scores`` (positive then negatives) is set when every example has them.
+    ``slice_of``: the global batch that ``examples`` are one process's slice of; the
+    negatives count and whether scores are set follow it, so that the slices of every
+    process put together are the batch one process would build.
     """
     examples = list(examples)
     if not examples:
         raise InputError("cannot build a training batch from no examples.")
+    whole = list(slice_of) if slice_of is not None else examples
     anchors = tokenize_with_prompts(backbone, [e.anchor for e in examples], [e.prompt for e in examples])
     positives = backbone.tokenize([e.positive for e in examples])
-    per_anchor = min(len(e.negatives) for e in examples)
+    per_anchor = min(len(e.negatives) for e in whole)
     negatives = None
     if per_anchor:
         negatives = backbone.tokenize([text for e in examples for text in e.negatives[:per_anchor]])
-    if any(e.task is not None for e in examples):  # the domain label of each text
+    if any(e.task is not None for e in whole):  # the domain label of each text
         anchors.domain = positives.domain = [e.task for e in examples]
         if negatives is not None:
             negatives.domain = [e.task for e in examples for _ in range(per_anchor)]
     scores = None
-    if all(e.scores is not None and len(e.scores) >= 1 + per_anchor for e in examples):
+    if all(e.scores is not None and len(e.scores) >= 1 + per_anchor for e in whole):
         scores = torch.tensor([list(e.scores[: 1 + per_anchor]) for e in examples], dtype=torch.float32)
     return TrainingBatch(
         examples=examples,
@@ -417,6 +440,12 @@ class Trainer:
         self.registry = registry
         self.callbacks = list(callbacks)
         self.device = model.device
+        # under torchrun: the process group, and what a data-parallel run needs, checked now
+        distributed.setup(settings.distributed_timeout, self.device)
+        self.processes, self.rank = distributed.world_size(), distributed.rank()
+        self.main = self.rank == 0
+        if self.processes > 1:
+            self._check_distributed()
         # the scores the loss reads are checked now, not at the batch that lacks them
         self.teacher = teacher_for(loss, teacher, self.examples)
         self.config = _normalised(
@@ -434,6 +463,8 @@ class Trainer:
                 "data": {"examples": len(self.examples), "sha256": data_fingerprint(self.examples)},
                 **({"run": dict(run_config)} if run_config else {}),
                 **({"teacher": self.teacher.fingerprint} if self.teacher is not None else {}),
+                # each process draws its own dropout masks: a run resumes with as many
+                **({"processes": self.processes} if self.processes > 1 else {}),
             }
         )
         self.config_hash = config_hash(self.config)
@@ -443,6 +474,47 @@ class Trainer:
         self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
         warmup = settings.warmup_steps
         self.warmup_steps = warmup if warmup is not None else math.ceil(settings.warmup_ratio * self.total_steps)
+
+    # -- data parallelism ------------------------------------------------------------
+
+    def _check_distributed(self) -> None:
+        """Refuse, before any work, what would not train the single-process model."""
+        if self.settings.batch_size % self.processes:
+            raise OptionError(
+                f"train.batch_size={self.settings.batch_size} does not split evenly over {self.processes} "
+                f"processes (the world size torchrun started); use a multiple of {self.processes}, or "
+                "another --nproc_per_node."
+            )
+        problem = self.loss.distributed_problem()
+        if problem:
+            name = type(self.loss).__name__
+            raise OptionError(
+                f"loss {name} cannot train across {self.processes} processes: {problem}. Train it in one "
+                "process, or use a loss that is distributed-correct (docs/concepts.md, 'Losses across "
+                "processes')."
+            )
+
+    def _check_same_batch(self, batch: list[Example], epoch: int, position: int) -> None:
+        """Refuse a sampler that yields different batches on different processes: the
+        slices would then come from different batches, silently not the global one."""
+        digest = hashlib.sha256(json.dumps([dataclasses.astuple(e) for e in batch], default=str).encode("utf-8"))
+        if not distributed.same_on_every_process(digest.digest(), self.device):
+            raise InputError(
+                f"sampler {type(self.sampler).__name__} yielded different batches on different processes "
+                f"(epoch {epoch}, batch {position}); under torchrun every process runs the sampler and takes its "
+                "slice, so batches must be a pure function of (examples, batch_size, seed, epoch) and the "
+                "sampler's state, never of the process (its rank, its own random state)."
+            )
+
+    def _slice(self, batch: list[Example]) -> list[Example]:
+        """This process's contiguous slice of a global batch."""
+        rows, world = len(batch), self.processes
+        if rows < world:
+            raise InputError(
+                f"the sampler yielded a batch of {rows} examples, fewer than the {world} processes; "
+                "every process needs at least one (turn the sampler's drop_last on, or use fewer processes)."
+            )
+        return batch[self.rank * rows // world : (self.rank + 1) * rows // world]
 
     # -- optimisation --------------------------------------------------------------
 
@@ -500,7 +572,9 @@ class Trainer:
 
     def _already_complete(self, progress: Progress, checkpoint: Path) -> TrainResult:
         """The result of a run whose last step is already checkpointed: nothing to train."""
-        self.model.save(self.output_dir / "model")  # the checkpoint's weights, also if the final save was killed
+        if self.main:
+            self.model.save(self.output_dir / "model")  # the checkpoint's weights, also if the final save was killed
+        distributed.barrier()
         rows = self._metric_rows(progress.step)
         plot = self.output_dir / "loss.png"
         return self._result(
@@ -590,7 +664,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         settings = self.settings
-        checkpoint = self.checkpoints.prepare(settings.resume)
+        main = self.main  # under torchrun, only rank 0 writes files, logs and evaluates
+        checkpoint = self.checkpoints.prepare(settings.resume) if main else None
+        checkpoint = distributed.broadcast_object(checkpoint)  # every process resumes from rank 0's pick
         seed_everything(settings.seed)
         parameters = self._parameters()
         optimizer = self._optimizer(parameters)
@@ -598,19 +674,24 @@ class Trainer:
         parts = Resumable(self.model, self.loss, self.sampler, optimizer, scheduler)
         progress = Progress()
         if checkpoint is not None:
-            progress = self.checkpoints.restore(checkpoint, parts)
+            progress = self.checkpoints.restore(checkpoint, parts, process=self.rank)
             if progress.step >= self.total_steps:
                 return self._already_complete(progress, checkpoint)
-        self._start_metrics(progress.step)
+        # weights that a process initialised on its own (a new head) start as rank 0's
+        distributed.broadcast_parameters([self.model, self.loss])
         writer = None
-        if settings.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        if main:
+            self._start_metrics(progress.step)
+            if settings.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run logged after its last checkpoint
-            writer = SummaryWriter(
-                str(self.output_dir / "tensorboard"), purge_step=progress.step + 1 if progress.step else None
-            )
+                # purge_step drops events a killed run logged after its last checkpoint
+                writer = SummaryWriter(
+                    str(self.output_dir / "tensorboard"), purge_step=progress.step + 1 if progress.step else None
+                )
 
+        # Every process runs the sampler alike (same seed, same weights: a sampler that
+        # mines with the model mines the same on each), and takes its slice of each batch.
         context = TrainingContext(model=self.model, make_index=self.make_index, step=progress.step)
         if settings.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise InputError(
@@ -624,7 +705,7 @@ class Trainer:
             initial=progress.step,
             desc="Training",
             unit="step",
-            disable=not settings.progress_bar,
+            disable=not (settings.progress_bar and main),
         )
         started = time.monotonic() - progress.elapsed
         last_loss: float | None = None
@@ -632,6 +713,9 @@ class Trainer:
 
         def optimizer_step(epoch_of_batch: int) -> None:
             nonlocal last_loss
+            # the mean over the processes of gradients scaled as in the loop below: the
+            # gradient of the single-process loss on the global batch
+            distributed.average_gradients(parameters)
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
@@ -641,21 +725,25 @@ class Trainer:
             progress.step += 1
             context.step = progress.step
             progress.elapsed = time.monotonic() - started
-            last_loss = float(np.mean(micro_losses))
+            # each micro-loss is this process's share of the global batch's mean loss
+            # (on the model's device: NCCL reduces CUDA tensors only)
+            last_loss = float(distributed.all_reduce_sum(float(np.sum(micro_losses)), self.device)) / len(micro_losses)
             micro_losses.clear()
             progress.log_window.append(last_loss)
-            if progress.step % settings.log_every == 0 or progress.step == self.total_steps:
+            if main and (progress.step % settings.log_every == 0 or progress.step == self.total_steps):
                 mean_loss = float(np.mean(progress.log_window))
                 self._log(writer, progress.step, epoch_of_batch, mean_loss, lr, progress.elapsed)
+            if progress.step % settings.log_every == 0 or progress.step == self.total_steps:
                 progress.log_window.clear()
             saved = None
             if settings.checkpoint_every and progress.step % settings.checkpoint_every == 0:
-                saved = self.checkpoints.save(progress, parts, self.total_steps)
+                saved = self._save_checkpoint(progress, parts)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             info = StepInfo(progress.step, epoch_of_batch, last_loss, lr, saved)
-            for callback in self.callbacks:
-                callback(info)
+            if main:
+                for callback in self.callbacks:
+                    callback(info)
 
         self.model.train()
         self.loss.train()
@@ -674,19 +762,30 @@ class Trainer:
                     produced += 1
                     if position < progress.position:
                         continue  # done before the checkpoint we resumed from
-                    batch = make_training_batch(self.model.backbone, self.sampler.examples_of(self.examples, indices))
+                    everything = self.sampler.examples_of(self.examples, indices)
+                    if self.processes > 1:
+                        self._check_same_batch(everything, epoch, position)
+                        mine = self._slice(everything)
+                        batch = make_training_batch(self.model.backbone, mine, slice_of=everything)
+                    else:
+                        mine = everything
+                        batch = make_training_batch(self.model.backbone, mine)
                     batch = _batch_to(batch, self.device)
                     if self.teacher is not None:
                         batch = self.teacher.score(batch)
+                    # The loss is a mean over this process's rows; weighted by its share of
+                    # the batch (times the processes, which the gradient mean divides out)
+                    # the processes' gradients add up to the single-process one.
+                    share = len(mine) / len(everything)
                     try:
                         with autocast:
                             value = self.loss(self.model, batch)
-                        (value / settings.grad_accumulation).backward()
+                        (value * (share * self.processes / settings.grad_accumulation)).backward()
                     except Exception as error:
                         if is_out_of_memory(error):
                             raise self._out_of_memory(error, progress.step) from error
                         raise
-                    micro_losses.append(float(value.detach()))
+                    micro_losses.append(float(value.detach()) * share)
                     pending += 1
                     progress.position = position + 1
                     if pending == settings.grad_accumulation:
@@ -716,20 +815,33 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
-            if self.teacher is not None:
+            if self.teacher is not None and main:
                 self.teacher.save_cache()  # what it computed stays valid, interrupted or not
 
         try:
             if settings.checkpoint_every and progress.step % settings.checkpoint_every:
                 # the last step is checkpointed too, so a rerun knows the run is complete
-                self.checkpoints.save(progress, parts, self.total_steps)
+                self._save_checkpoint(progress, parts)
             sizes = self.loss.recommended_sizes(self.model)
             self.model.recommended_sizes = [tuple(p) for p in sizes] if sizes else self.model.recommended_sizes
-            self.model.save(self.output_dir / "model")
+            plot = None
+            if main:
+                self.model.save(self.output_dir / "model")
+                plot = self._plot()
+            distributed.barrier()  # train() returns once the model is saved, on every process
         except KeyboardInterrupt:
             raise self._interrupted(progress.step) from None
-        return self._result(progress, last_loss, self._plot(), checkpoint)
+        return self._result(progress, last_loss, plot, checkpoint)
 
+    def _save_checkpoint(self, progress: Progress, parts: Resumable) -> Path:
+        """Rank 0 writes the checkpoint, with every process's random state; the others
+        wait until it is complete."""
+        states = distributed.gather_object(capture_rng())
+        path = self.checkpoints.root / f"step-{progress.step}"
+        if self.main:
+            path = self.checkpoints.save(progress, parts, self.total_steps, rng_states=states)
+        distributed.barrier()
+        return path
 
 def train(
     model: "EmbeddingModel",

@@ -81,6 +81,21 @@ def test_train_benchmark_reports_steps_per_second_and_peak_memory(tmp_path, data
     assert tokens["real"] <= tokens["length_groups"] <= tokens["padded_per_batch"]
 
 
+def test_ddp_benchmark_reports_one_and_two_processes(tmp_path, data_dir):
+    result = run_smoke("ddp", tmp_path, data_dir)
+    assert result["benchmark"] == "ddp" and result["smoke"] is True
+    assert "benchmarks/run.py ddp" in result["command"]
+    for processes in ("1", "2"):
+        train, encode = result["train"][processes], result["encode"][processes]
+        assert train["steps_per_second"] > 0
+        assert len(train["processes"]) == int(processes) and all(p["peak_rss_mib"] > 0 for p in train["processes"])
+        assert encode["texts"] == 48 and encode["texts_per_second"] > 0
+    assert isinstance(result["encode"]["shards_identical_1_vs_2"], bool)
+    assert set(result["ratios"]) == {
+        "train_steps_per_second_2_over_1", "train_peak_rss_per_process_2_over_1", "encode_texts_per_second_2_over_1"
+    }
+
+
 def test_length_benchmark_reports_each_length_for_each_encoder(tmp_path, data_dir):
     result = run_smoke("length", tmp_path, data_dir)
     check_common(result, "length")
@@ -131,7 +146,7 @@ def test_run_py_refuses_an_unknown_benchmark():
     assert completed.returncode == 2 and "encode" in completed.stderr
 
 
-@pytest.mark.parametrize("script", ["bench_encode.py", "bench_train.py", "bench_length.py", "gpu_check.py"])
+@pytest.mark.parametrize("script", ["bench_encode.py", "bench_train.py", "bench_length.py", "gpu_check.py", "ddp.py"])
 def test_each_script_documents_its_smoke_mode(script):
     completed = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, capture_output=True, text=True

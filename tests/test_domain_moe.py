@@ -197,3 +197,31 @@ def test_the_saved_folder_is_a_plain_model_plus_the_experts(tiny_bert_path, tmp_
     assert "domain_experts.safetensors" in json.loads((tmp_path / "model" / "embplex.json").read_text())["sha256"]
     first = embplex.compose({"name": "hf_encoder", "path": str(tmp_path / "model")}, pooling="mean")
     np.testing.assert_allclose(first.encode(TEXTS), model.encode(TEXTS, domain=0), atol=1e-5)
+
+
+def test_encode_domain_reaches_every_shard_of_a_sharded_encode(capsys, tmp_path, tiny_bert_path):
+    """``embplex encode encode.output=<folder> encode.domain=<label>``: the Parquet shards
+    hold what ``encode(..., domain=)`` gives, and the label is part of the manifest."""
+    from embplex.bulk import read_shards
+
+    model = compose(tiny_bert_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.backbone.model.named_modules():
+            if type(module).__name__ == "_Experts":
+                for parameter in module.experts[1].parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save(tmp_path / "model")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    common = ["encode", f"model.load={tmp_path / 'model'}", f"encode.input={texts}", "encode.shard_size=2"]
+    code, _, err = _cli(capsys, *common, f"output_dir={tmp_path / 'run'}", "encode.output=shards", "encode.domain=stsb")
+    assert code == 0, err
+    ids, vectors = read_shards(tmp_path / "run" / "shards")[:2]
+    np.testing.assert_allclose(vectors, model.encode(TEXTS, domain="stsb"), atol=1e-5)
+    assert not np.allclose(vectors, model.encode(TEXTS, domain="scifact"), atol=1e-4)
+    manifest = json.loads((tmp_path / "run" / "shards" / "manifest.json").read_text())
+    assert manifest["settings"]["domain"] == "stsb"
+    code, _, err = _cli(capsys, *common, f"output_dir={tmp_path / 'plain'}", "encode.output=shards", f"model.load=null",
+                        f"backbone.path={tiny_bert_path}", "encode.domain=1")
+    assert code == 2 and "does not route by domain" in err

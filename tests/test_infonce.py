@@ -153,7 +153,8 @@ def _worker(process: int, port: int, results: dict) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=process, world_size=2)
     try:
-        # gather: rank order, uneven row counts, gradient only for the local rows
+        # gather: rank order, uneven row counts; every process's gradient for a row goes
+        # back to the process that owns it
         local = torch.full((process + 1, 2), float(process + 1), requires_grad=True)
         gathered, offset = gather_with_offset(local)
         weights = torch.arange(gathered.numel(), dtype=torch.float32).reshape(gathered.shape)
@@ -172,6 +173,10 @@ def _worker(process: int, port: int, results: dict) -> None:
         for symmetric in (False, True):
             value = InfoNCE(symmetric=symmetric).compute(shard, _batch(NEGATIVES))
             results[f"loss{process}-{symmetric}"] = (value.item(), half)
+        # progressive normalises its weights over the global batch, not the local slice
+        from embplex.plugins.loss.progressive import Progressive
+
+        results[f"progressive{process}"] = (Progressive(steps=10).eval().compute(shard, _batch(NEGATIVES)).item(), half)
     finally:
         dist.destroy_process_group()
 
@@ -187,7 +192,8 @@ def test_two_processes_gather_and_share_negatives():
         torch.testing.assert_close(gathered, torch.tensor([[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]))
         assert offset == (0 if process == 0 else 1)
         weights = torch.arange(6, dtype=torch.float32).reshape(3, 2)
-        torch.testing.assert_close(grad, weights[offset : offset + process + 1])
+        # both processes' sums use every row: each row's gradient is the sum of the two
+        torch.testing.assert_close(grad, 2 * weights[offset : offset + process + 1])
 
     full = _embeddings(NEGATIVES, seed=3)
     for symmetric in (False, True):
@@ -195,3 +201,8 @@ def test_two_processes_gather_and_share_negatives():
         parts = [results[f"loss{process}-{symmetric}"] for process in (0, 1)]
         combined = sum(value * count for value, count in parts) / BATCH
         assert combined == pytest.approx(_reference(full, 0.05, symmetric), rel=1e-5)
+    from embplex.plugins.loss.progressive import Progressive
+
+    parts = [results[f"progressive{process}"] for process in (0, 1)]
+    combined = sum(value * count for value, count in parts) / BATCH
+    assert combined == pytest.approx(Progressive(steps=10).eval().compute(full, _batch(NEGATIVES)).item(), rel=1e-5)

@@ -585,6 +585,13 @@ class LossContract:
         )
         _placement_checked(lambda: placed.compute(_on_meta(embeddings), batch), f"loss {type(loss).__name__}")
 
+    def test_says_whether_it_trains_across_processes(self, loss):
+        # None (distributed-correct) or the reason a data-parallel run refuses it
+        problem = loss.distributed_problem()
+        assert problem is None or (isinstance(problem, str) and problem.strip()), (
+            f"loss {type(loss).__name__}: distributed_problem() must return None or a reason, not {problem!r}"
+        )
+
     def test_forward_trains_a_model(self, loss, tiny_model):
         from ..testing import make_training_batch, tiny_examples
 

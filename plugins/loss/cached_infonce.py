@@ -102,6 +102,9 @@ class CachedInfoNCE(Loss):
         options = {"temperature": temperature, "symmetric": symmetric, "gather_across_processes": gather_across_processes}
         self.inner = registry.create_part("loss", {"name": "infonce", **options}, option="loss")
 
+    def distributed_problem(self) -> str | None:
+        return self.inner.distributed_problem()  # its own part only weighs the inner loss's terms
+
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
         return self.inner.compute(embeddings, batch)
 

@@ -25,6 +25,8 @@ from embplex.errors import OptionError
 
 
 class FocalInfoNCE(Loss):
+    distributed_correct = True  # a mean over local anchors; candidates gathered with gradient
+
     def __init__(self, gamma: float = 2.0, temperature: float = 0.05, gather_across_processes: bool = True) -> None:
         super().__init__()
         if not temperature > 0:

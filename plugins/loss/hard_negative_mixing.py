@@ -28,6 +28,11 @@ from embplex.errors import OptionError
 
 
 class HardNegativeMixing(Loss):
+    # A mean over local anchors against the gathered candidates, as infonce. The mixing
+    # weights and picks are random draws made per process, so the run equals one process
+    # in distribution, not draw for draw.
+    distributed_correct = True
+
     def __init__(
         self, mixed: int = 4, hardest: int = 8, temperature: float = 0.05, gather_across_processes: bool = True
     ) -> None:

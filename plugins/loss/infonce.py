@@ -25,6 +25,8 @@ from embplex.errors import OptionError
 
 
 class InfoNCE(Loss):
+    distributed_correct = True  # a mean over local anchors; candidates gathered with gradient
+
     def __init__(
         self,
         temperature: float = 0.05,

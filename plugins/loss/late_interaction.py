@@ -51,6 +51,12 @@ class LateInteraction(Loss):
             raise OptionError(f"temperature must be positive, not {temperature}.")
         self.temperature = float(temperature)
 
+    def distributed_problem(self) -> str | None:
+        return (
+            "its in-batch candidates are only this process's (token-vector sets are not gathered "
+            "across processes), so each process would train on a smaller batch than one process does"
+        )
+
     def forward(self, model: Any, batch: TrainingBatch) -> Tensor:
         embeddings = {role: by_layer[None] for role, by_layer in model.embed_roles(batch).items()}
         roles = batch.roles()

@@ -35,6 +35,11 @@ class ListwiseDistill(Loss):
         self.in_batch = bool(in_batch)
         self.teacher_scores = "matrix" if self.in_batch else "pairs"
 
+    def distributed_problem(self) -> str | None:
+        if self.in_batch:  # the teacher scores each process's own slice of the batch
+            return "with in_batch=true it ranks only this process's slice of the batch; use in_batch=false"
+        return None  # a mean over local anchors of their own rows
+
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
         student = student_matrix(embeddings)
         teacher = teacher_targets(batch, self.in_batch, "listwise_distill").to(student.device)

@@ -59,6 +59,9 @@ class Matryoshka(Loss):
                 f"{model.dim} wide; use widths up to {model.dim}."
             )
 
+    def distributed_problem(self) -> str | None:
+        return self.inner.distributed_problem()  # its own part only weighs the inner loss's terms
+
     def embed(self, model, batch, layers=(None,)):
         return self.inner.embed(model, batch, layers)
 

@@ -62,6 +62,11 @@ class Matryoshka2d(Loss):
         # continues the same sequence of layers
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
+    def distributed_problem(self) -> str | None:
+        # the layer drawn is a function of (seed, draws), the same on every process; the
+        # alignment term is a mean over rows
+        return self.prefixes.distributed_problem()
+
     def embed(self, model, batch, layers=(None,)):
         return self.prefixes.embed(model, batch, layers)
 

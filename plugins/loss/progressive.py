@@ -27,10 +27,13 @@ from torch.nn import functional
 import embplex
 from embplex.components import Loss, TrainingBatch
 from embplex.contrastive import contrastive_logits
+from embplex.distributed import all_reduce_sum, is_distributed
 from embplex.errors import OptionError
 
 
 class Progressive(Loss):
+    distributed_correct = True  # weights normalised over the global batch (see weights)
+
     def __init__(
         self,
         steps: int = 1000,
@@ -63,7 +66,12 @@ class Progressive(Loss):
         """Per-anchor weights for positive-probabilities ``p`` at the current progress."""
         t = self.progress()
         raw = (1 - t) * p + t * (1 - p)
-        return raw / raw.mean().clamp_min(1e-12)
+        # normalised by the mean over the global batch, every process's anchors, so that
+        # data-parallel training weighs them as one process does
+        mean = raw.mean()
+        if is_distributed():
+            mean = (all_reduce_sum(raw.sum(), raw.device) / all_reduce_sum(raw.numel(), raw.device)).to(raw.dtype)
+        return raw / mean.clamp_min(1e-12)
 
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
         logits, labels = contrastive_logits(embeddings, self.temperature, self.gather_across_processes)

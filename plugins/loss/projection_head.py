@@ -61,6 +61,9 @@ class ProjectionHead(Loss):
         self.build(model.dim)
         self.head.to(model.device)
 
+    def distributed_problem(self) -> str | None:
+        return self.inner.distributed_problem()  # its own part only weighs the inner loss's terms
+
     def embed(self, model, batch, layers=(None,)):
         return self.inner.embed(model, batch, layers)
 

@@ -32,6 +32,11 @@ class ScoreDistill(Loss):
         self.in_batch = bool(in_batch)
         self.teacher_scores = "matrix" if self.in_batch else "pairs"
 
+    def distributed_problem(self) -> str | None:
+        if self.in_batch:  # the teacher scores each process's own slice of the batch
+            return "with in_batch=true it ranks only this process's slice of the batch; use in_batch=false"
+        return None  # a mean over local anchors of their own rows
+
     def compute(self, embeddings: dict[str, Tensor], batch: TrainingBatch) -> Tensor:
         student = student_matrix(embeddings)
         target = teacher_targets(batch, self.in_batch, "score_distill") * self.target_scale

@@ -58,6 +58,9 @@ class Starbucks(Loss):
         self.kl_weight = float(kl_weight)
         self.kl_temperature = float(kl_temperature)
 
+    def distributed_problem(self) -> str | None:
+        return self.inner.distributed_problem()  # its own part only weighs the inner loss's terms
+
     def embed(self, model, batch, layers=(None,)):
         return self.inner.embed(model, batch, layers)
 
