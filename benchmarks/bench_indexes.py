@@ -3,19 +3,26 @@
 Two parts, each over the settings of ``SETTINGS`` (every index plugin, several options):
 
 * **SciFact** (5,183 documents, 300 test queries, all-MiniLM-L6-v2 embeddings computed
-  once): nDCG@10 of each setting, recall@10 against ``exact``, queries per second (all
-  queries in one ``search`` call), build time (``add`` of the whole corpus) and bytes per
-  vector (``index.nbytes / len(index)``).
+  once): nDCG@10 of each setting with its percentile bootstrap 95% interval over queries
+  and its paired change against ``exact`` (same resampled queries; the per-query scores
+  are in the JSON), recall@10 against ``exact``, queries per second (all queries in one
+  ``search`` call), build time (``add`` of the whole corpus) and bytes per vector
+  (``index.nbytes / len(index)``).
 * **Synthetic scale** (default 1,000,000 × 384): random unit vectors with planted
   neighbours — each of the 1,000 queries has 10 stored vectors near it (noise growing
   from 0.15 to 0.6), the rest are uniform on the sphere — with recall@10 against
-  ``exact``, queries per second, build time and bytes per vector.
+  ``exact``, queries per second, build time and bytes per vector. Drawn in chunks: at
+  1,000,000 the vectors take 1.5 GB and the run an estimated 5 GB.
+
+Every build and search also records its CPU seconds (``time.process_time``), steadier than
+wall time on a shared machine; the time estimates in docs/results/indexes.md scale from them.
 
 Then two Pareto plots (quality against bytes per vector, quality against queries per
 second) next to the JSON result. ``conf/experiment/indexes.yaml`` is the same comparison
 through ``embplex eval -m``, one job per index plugin, for nDCG@10 alone.
 
-    python benchmarks/run.py indexes             # the full run (about 30 minutes on 2 cores)
+    python benchmarks/run.py indexes --ef-construction 64 --json    # the full run at 1,000,000 (see docs/results/indexes.md)
+    python benchmarks/run.py indexes --parts synthetic --synthetic-count 200000 --synthetic-settings "faiss hnsw,binary 1-bit rescored"
     python benchmarks/run.py indexes --smoke     # 10 SciFact queries, 2,000 synthetic vectors: about a minute
 """
 
