@@ -206,9 +206,13 @@ def pareto_plots(result: dict[str, Any], output: Path) -> list[str]:
     for x_key, x_label, suffix in (("bytes_per_vector", "bytes per vector (log)", "memory"),
                                    ("queries_per_second", "queries per second (log)", "speed")):
         figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for axis, (part, y_key, y_label) in zip(axes, (("scifact", "ndcg@10", "SciFact nDCG@10"),
+        for axis, (part, y_key, y_label) in zip(axes, (("scifact", "ndcg@10", "SciFact nDCG@10 (95% CI)"),
                                                        ("synthetic", "recall@10_vs_exact", "synthetic recall@10 vs exact"))):
             for row in result.get(part, {}).get("settings", []):  # a part not run draws nothing
+                if f"{y_key}_ci" in row:  # SciFact nDCG@10: its 95% interval as an error bar
+                    low, high = row[f"{y_key}_ci"]
+                    axis.errorbar(row[x_key], row[y_key], yerr=[[row[y_key] - low], [high - row[y_key]]], fmt="none",
+                                  ecolor="grey", capsize=2)
                 axis.scatter(row[x_key], row[y_key])
                 axis.annotate(row["setting"], (row[x_key], row[y_key]), fontsize=7)
             axis.set_xscale("log")
