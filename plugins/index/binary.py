@@ -51,6 +51,10 @@ from embplex.indexing import (
 FORMAT_VERSION = 1
 METRICS = ("cosine", "ip")
 QUERY_BLOCK = 16  # queries scored at once: a block's scores are QUERY_BLOCK x n float32
+# items scored at once within a query block: the temporaries of one chunk (a few
+# QUERY_BLOCK x CORPUS_CHUNK arrays) stay in the CPU cache instead of streaming through
+# memory once per word and plane pair
+CORPUS_CHUNK = 4096
 
 
 def binarize(vectors: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,20 +72,31 @@ def binarize(vectors: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(planes), np.stack(scales)
 
 
-def _popcount_rows(packed: np.ndarray) -> np.ndarray:
+def _words(packed: np.ndarray) -> np.ndarray:
     """Rows of packed bits viewed as 64-bit words when they fill whole words (8x fewer
     popcounts), else as bytes."""
-    if packed.shape[-1] % 8 == 0:
-        return packed.view(np.uint64)
-    return packed
+    packed = np.ascontiguousarray(packed)
+    return packed.view(np.uint64) if packed.shape[-1] % 8 == 0 else packed
 
 
 def hamming(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """``[q, n]`` Hamming distances between packed codes ``[q, b]`` and ``[n, b]``."""
-    left, right = _popcount_rows(np.ascontiguousarray(queries)), _popcount_rows(np.ascontiguousarray(codes))
-    distances = np.zeros((left.shape[0], right.shape[0]), dtype=np.int32)
-    for column in range(left.shape[1]):  # one word at a time keeps the temporary [q, n]
-        distances += np.bitwise_count(left[:, column, None] ^ right[None, :, column]).astype(np.int32)
+    """``[q, n]`` Hamming distances between packed codes ``[q, b]`` and ``[n, b]``.
+
+    One word position at a time, XOR, popcount and sum written in place into three
+    ``[q, n]`` buffers: the original form (``(a ^ b).astype(...)`` per word) allocated
+    and converted a fresh ``[q, n]`` array three times per word, which is what made
+    multi-bit search slow (profiled: docs/plugins/index/binary.md). The codes are read
+    word-major (``[b, n]``) so each word's column is contiguous.
+    """
+    left = _words(queries)
+    right = np.ascontiguousarray(_words(codes).T)
+    distances = np.zeros((left.shape[0], right.shape[1]), dtype=np.int32)
+    xor = np.empty(distances.shape, dtype=right.dtype)
+    counts = np.empty(distances.shape, dtype=np.uint8)
+    for column in range(left.shape[1]):
+        np.bitwise_xor(left[:, column, None], right[column][None, :], out=xor)
+        np.bitwise_count(xor, out=counts)
+        distances += counts
     return distances
 
 
@@ -219,13 +234,28 @@ class BinaryIndex(Index):
         product of the two reconstructions, ``sum_pr scale_p · scale_r · (dim - 2 ·
         hamming_pr)``."""
         planes, scales = binarize(queries, self.bits)
+        total = np.empty((queries.shape[0], len(self)), dtype=np.float32)
+        for start in range(0, len(self), CORPUS_CHUNK):
+            stop = min(start + CORPUS_CHUNK, len(self))
+            total[:, start:stop] = self._chunk_scores(planes, scales, start, stop)
+        return total
+
+    def _chunk_scores(self, planes: np.ndarray, scales: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Code scores of items ``start:stop``: every query plane against each item plane
+        in one Hamming pass, then combined plane pair by plane pair in the same order and
+        float32 operations as ever (the scores, hence ties and rankings, are unchanged)."""
+        q = planes.shape[1]
         if self.bits == 1:
-            return (self.dim - 2 * hamming(planes[0], self._planes[0])).astype(np.float32) / self.dim
-        total = np.zeros((queries.shape[0], len(self)), dtype=np.float32)
+            return (self.dim - 2 * hamming(planes[0], self._planes[0, start:stop])).astype(np.float32) / self.dim
+        stacked = planes.reshape(self.bits * q, -1)  # query plane r is rows r*q:(r+1)*q
+        total = np.zeros((q, stop - start), dtype=np.float32)
+        term = np.empty_like(total)
         for p in range(self.bits):
-            for r in range(self.bits):
-                agreement = (self.dim - 2 * hamming(planes[r], self._planes[p])).astype(np.float32)
-                total += scales[r][:, None] * self._scales[p][None, :] * agreement
+            agreement = (self.dim - 2 * hamming(stacked, self._planes[p, start:stop])).astype(np.float32)
+            for r in range(self.bits):  # total += scale_r · scale_p · agreement, in place
+                np.multiply(scales[r][:, None], self._scales[p, start:stop][None, :], out=term)
+                term *= agreement[r * q : (r + 1) * q]
+                total += term
         return total
 
     def search(
