@@ -394,7 +394,8 @@ class Attention(Component):
         return positions.ids
 
     def qk_scores(self, query: Tensor, key: Tensor, scaling: float, layer: int) -> Tensor:
-        return torch.matmul(query, key.transpose(-1, -2)) * scaling
+        # in place on the product (its backward does not need it): one full-size tensor
+        return torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
 
     def score_scale(self, layer: int) -> Tensor | None:
         return None

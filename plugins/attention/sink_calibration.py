@@ -79,9 +79,13 @@ class SinkCalibration(Attention):
         keep = rest > 1e-6
         grow = torch.where(keep, (1.0 - self.factor * on_sinks) / rest.clamp(min=1e-6), torch.ones_like(rest))
         shrink = torch.where(keep, torch.full_like(rest, self.factor), torch.ones_like(rest))
-        # one multiplier per entry: the row's shrink on sink keys, its growth elsewhere
-        # (one [batch, heads, q, k] temporary instead of four)
-        return probs * torch.where(sinks[:, :, None, :], shrink, grow)
+        # every key grows, then the few sink columns are set to their shrunk values: one
+        # [batch, heads, q, k] tensor is made, the result (at 4096 tokens each is 64 MiB
+        # per text and head, and passes over them were most of the time)
+        calibrated = probs * grow
+        batch, head, key = sinks.nonzero(as_tuple=True)
+        calibrated[batch, head, :, key] = probs[batch, head, :, key] * shrink[batch, head, :, 0]
+        return calibrated
 
 
 @embplex.hookimpl
