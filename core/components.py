@@ -394,8 +394,8 @@ class Attention(Component):
         return positions.ids
 
     def qk_scores(self, query: Tensor, key: Tensor, scaling: float, layer: int) -> Tensor:
-        # in place on the product (its backward does not need it): one full-size tensor
-        return torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
+        # the scaling on the queries (head_dim wide), not on the [q, k] product: one pass less
+        return torch.matmul(query * scaling, key.transpose(-1, -2))
 
     def score_scale(self, layer: int) -> Tensor | None:
         return None
@@ -469,9 +469,11 @@ class Attention(Component):
         # hook, which may keep them) are rewritten in place: at 4096 tokens each is
         # batch × heads × 64 MiB, and allocating a fresh one per step dominated the time.
         in_place = not torch.is_grad_enabled()
+        scale = self.score_scale(layer)
+        if scale is not None and not self.computes_qk_scores:  # query @ keyᵀ is linear in the query
+            query, scale = _scaled_query(query, scale), None
         scores = self.qk_scores(query, key, scaling, layer)
         own = in_place and not self.computes_qk_scores
-        scale = self.score_scale(layer)
         if scale is not None:
             scale = scale.to(device=scores.device, dtype=scores.dtype)
             scores = scores.mul_(scale) if own else scores * scale
@@ -485,10 +487,9 @@ class Attention(Component):
         del scores
         if "probs" in hooks:
             probs = self.probs(probs, layer).masked_fill(blocked, 0.0)
-        elif in_place:  # the softmax's own tensor: masked keys are 0 already, unless a
-            probs.masked_fill_(blocked, 0.0)  # policy's scores left a row nothing above them
-        else:
+        elif "scores" in hooks:  # a rewrite may leave a row nothing above the masked pairs
             probs = probs.masked_fill(blocked, 0.0)
+        # else the masked pairs are 0 already: exp(dtype minimum − a real score) underflows
         if "probs_with_values" in hooks:
             probs = self.probs_with_values(probs, value, layer).masked_fill(blocked, 0.0)
         if dropout and self.training:
@@ -577,17 +578,37 @@ class AttentionChain(Attention):
                 return policy.qk_scores(query, key, scaling, layer)
         return super().qk_scores(query, key, scaling, layer)
 
+    @property
+    def computes_qk_scores(self) -> bool:
+        return any(policy.computes_qk_scores for policy in self.policies)
+
     def _explicit_hooks(self, layer: int) -> frozenset[str]:
         hooks: set[str] = set()
         for policy in self._active(layer):
             hooks |= policy._explicit_hooks(layer)
-        if "score_scale" in hooks:  # the chain's scores applies its members' factors in order
-            hooks.add("scores")
+        if "score_scale" in hooks and "scores" in hooks:
+            # the factors interleave with the members' scores: the chain's scores applies
+            # both in list order (score_scale below then answers None)
+            hooks.add("interleaved")
         return frozenset(hooks)
 
+    def score_scale(self, layer: int) -> Tensor | None:
+        """The product of the members' factors, when no member rewrites ``scores`` on
+        ``layer`` (then the order does not matter); else ``None`` and ``scores`` applies
+        them in list order."""
+        if "interleaved" in self._explicit_hooks(layer):
+            return None
+        scale = None
+        for policy in self._active(layer):  # factors multiply in any order
+            factor = policy.score_scale(layer)
+            if factor is not None:
+                scale = factor if scale is None else scale * factor.to(scale)
+        return scale
+
     def scores(self, scores: Tensor, layer: int) -> Tensor:
+        interleaved = "interleaved" in self._explicit_hooks(layer)
         for policy in self._active(layer):
-            scale = policy.score_scale(layer)
+            scale = policy.score_scale(layer) if interleaved else None
             if scale is not None:
                 scores = scores * scale.to(device=scores.device, dtype=scores.dtype)
             scores = policy.scores(scores, layer)
@@ -618,12 +639,7 @@ class AttentionChain(Attention):
             if type(policy).attend is not Attention.attend:  # alone on this layer (see bind)
                 return policy.attend(query, key, value, mask, scaling, layer, dropout)
         if not any(policy.rewrites_scores for policy in active):
-            scale = None
-            for policy in active:  # factors multiply in any order
-                factor = policy.score_scale(layer)
-                if factor is not None:
-                    scale = factor if scale is None else scale * factor.to(scale)
-            return fused_attention(_scaled_query(query, scale), key, value, mask, scaling, dropout), None
+            return fused_attention(_scaled_query(query, self.score_scale(layer)), key, value, mask, scaling, dropout), None
         return super().attend(query, key, value, mask, scaling, layer, dropout)
 
     def save(self, directory: Path) -> None:

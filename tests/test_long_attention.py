@@ -122,6 +122,9 @@ def test_temp_scale_keeps_the_fused_kernel_and_equals_dividing_the_scores(tiny_b
     assert np.abs(reference - compose(tiny_bert_path, None).encode(texts)).max() > 1e-4
     listed = compose(tiny_bert_path, [{"name": "temp_scale", "temperature": 0.05}, Recorder()]).encode(texts)
     np.testing.assert_allclose(listed, reference, atol=1e-6)
+    # beside a member that rewrites the scores, the factor applies in list order
+    interleaved = compose(tiny_bert_path, [{"name": "temp_scale", "temperature": 0.05}, DividesTheScores(1.0)])
+    np.testing.assert_allclose(interleaved.encode(texts), reference, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [0, -0.5])
