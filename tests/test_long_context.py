@@ -88,7 +88,7 @@ def test_eval_data_passkey_writes_scores_per_length_and_a_plot(tiny_bert_path, r
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_long_context_experiment_smoke(tiny_bert_path, tmp_path):
+def test_long_context_experiment_smoke(tiny_bert_path, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("long_context_experiment", REPO / "benchmarks" / "long_context.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -104,6 +104,26 @@ def test_long_context_experiment_smoke(tiny_bert_path, tmp_path):
         names = [s["name"] for s in saved["runs"]["pi+temp+lambda+sink"]["model"]["components"]["attention"]]
         assert names == ["lambda_mask", "temp_scale", "sink_calibration"]
         assert (tmp_path / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
+    # a progress line per configuration and per length, with the elapsed time
+    printed = capsys.readouterr().out
+    assert re.search(r"\[\d\d:\d\d\] needle pi\+temp\+lambda\+sink: starting", printed)
+    assert len(re.findall(r"passkey (256|512) tokens: 4 documents and 3 queries, .* s so far", printed)) == 4
+
+
+def test_long_context_baseline_is_the_recipes_inner_encoder():
+    """Truncation runs the same model folder and precision as the extended configurations."""
+    spec = importlib.util.spec_from_file_location("long_context_experiment", REPO / "benchmarks" / "long_context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    registry = embplex.load_registry()
+    recipe = compose_config(["experiment=long_context", "backbone.inner.precision=bf16"], registry=registry)
+    inner = dict(recipe["backbone"]["inner"])
+    baseline = compose_config(
+        ["experiment=long_context", "data=needle", *module.CONFIGURATIONS["truncation"], *module.truncation_overrides(inner)],
+        registry=registry,
+    )["backbone"]
+    assert (baseline["name"], baseline["max_length"]) == ("hf_encoder", 512)
+    assert (baseline["path"], baseline["precision"]) == (inner["path"], "bf16")
 
 
 def test_embplex_eval_prints_the_score_at_every_length(capsys, tiny_bert_path, tmp_path):
