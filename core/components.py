@@ -491,7 +491,10 @@ class Attention(Component):
             probs = probs.masked_fill(blocked, 0.0)
         # else the masked pairs are 0 already: exp(dtype minimum − a real score) underflows
         if "probs_with_values" in hooks:
-            probs = self.probs_with_values(probs, value, layer).masked_fill(blocked, 0.0)
+            probs = self.probs_with_values(probs, value, layer)
+            # in place without autograd (the contract lets the backbone zero the masked
+            # pairs of what this hook returns)
+            probs = probs.masked_fill_(blocked, 0.0) if in_place else probs.masked_fill(blocked, 0.0)
         if dropout and self.training:
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out = torch.matmul(probs, value)

@@ -72,19 +72,21 @@ class SinkCalibration(Attention):
         sinks = self.sinks(probs, value)  # [batch, heads, k]: the same keys for every query
         if not bool(sinks.any()):
             return probs
-        on_sinks = torch.matmul(probs, sinks[..., None].to(probs.dtype))  # [batch, heads, q, 1]
+        # the sinks are a few columns: gather them rather than pass over every entry
+        batch, head, key = sinks.nonzero(as_tuple=True)
+        columns = probs[batch, head, :, key]  # [sinks, q]
+        on_sinks = probs.new_zeros(probs.shape[:3]).index_put_((batch, head), columns, accumulate=True)[..., None]
         rest = 1.0 - on_sinks
         # the others share what the sinks give up, in proportion to their own attention;
         # a row with all its attention on sinks (rest == 0) cannot give it away: unchanged
         keep = rest > 1e-6
         grow = torch.where(keep, (1.0 - self.factor * on_sinks) / rest.clamp(min=1e-6), torch.ones_like(rest))
         shrink = torch.where(keep, torch.full_like(rest, self.factor), torch.ones_like(rest))
-        # every key grows, then the few sink columns are set to their shrunk values: one
+        # every key grows, then the sink columns are set to their shrunk values: one
         # [batch, heads, q, k] tensor is made, the result (at 4096 tokens each is 64 MiB
         # per text and head, and passes over them were most of the time)
         calibrated = probs * grow
-        batch, head, key = sinks.nonzero(as_tuple=True)
-        calibrated[batch, head, :, key] = probs[batch, head, :, key] * shrink[batch, head, :, 0]
+        calibrated[batch, head, :, key] = columns * shrink[batch, head, :, 0]
         return calibrated
 
 
