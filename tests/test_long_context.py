@@ -137,6 +137,20 @@ def test_embplex_eval_prints_the_score_at_every_length(capsys, tiny_bert_path, t
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
 
 
+def test_length_collapse_interval_resamples_excerpts_not_pairs():
+    spec = importlib.util.spec_from_file_location("length_collapse", REPO / "benchmarks" / "length_collapse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # orthogonal texts: every pair of two texts has cosine 0; a resample that drew one
+    # excerpt twice would add cosine-1 "pairs" if it counted a text with itself
+    assert module.bootstrap_interval(np.eye(6)) == [0.0, 0.0]
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(40, 8))
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    low, high = module.bootstrap_interval(spread)
+    assert low < module.mean_pairwise_cosine(spread) < high
+
+
 def test_length_collapse_experiment_smoke(tiny_bert_path, tmp_path):
     spec = importlib.util.spec_from_file_location("length_collapse", REPO / "benchmarks" / "length_collapse.py")
     module = importlib.util.module_from_spec(spec)
@@ -146,4 +160,7 @@ def test_length_collapse_experiment_smoke(tiny_bert_path, tmp_path):
     assert saved["excerpts"] == 4 and sorted(saved["mean_pairwise_cosine"]) == ["plain", "temp_scale 0.9"]
     for curve in saved["mean_pairwise_cosine"].values():
         assert sorted(curve) == ["128", "256"] and all(-1 <= v <= 1 for v in curve.values())
+    for name, curve in saved["mean_pairwise_cosine"].items():
+        for length, (low, high) in saved["mean_pairwise_cosine_ci"][name].items():
+            assert low <= high  # the point estimate can sit outside a percentile interval of 4 excerpts
     assert (tmp_path / "length_collapse.png").read_bytes()[:4] == b"\x89PNG"
