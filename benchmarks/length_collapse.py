@@ -34,6 +34,23 @@ def mean_pairwise_cosine(vectors: np.ndarray) -> float:
     return float((sims.sum() - np.trace(sims)) / (count * (count - 1)))
 
 
+def bootstrap_interval(vectors: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile interval of the mean pairwise cosine, resampling the excerpts
+    (pairs of two draws of the same excerpt are left out: they are not two texts)."""
+    sims = vectors @ vectors.T
+    rng = np.random.default_rng(seed)
+    count = len(vectors)
+    values = []
+    for _ in range(resamples):
+        drawn = rng.integers(count, size=count)
+        block = sims[np.ix_(drawn, drawn)]
+        distinct = drawn[:, None] != drawn[None, :]
+        if distinct.any():  # a resample of one excerpt drawn every time has no pair to measure
+            values.append(float(block[distinct].mean()))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
 def run(
     output: Path,
     model_path: str = "all-MiniLM-L6-v2",
@@ -44,7 +61,7 @@ def run(
 ) -> dict[str, Any]:
     import embplex
     from embplex import storage
-    from embplex.long_context import essays, fit_to_length
+    from embplex.long_context import _token_count, essays, fit_to_length
 
     backbone = {"name": "position_interpolation", "inner": {"name": "hf_encoder", "path": model_path}, "target_length": 4096}
     models = {
@@ -53,13 +70,25 @@ def run(
         )
         for t in TEMPERATURES
     }
-    texts_by_essay = [words for words in essays(essays_dir) if len(words) > 3 * max(lengths)][:count]
-    if len(texts_by_essay) < 2:
-        raise SystemExit(f"fewer than 2 essays in {essays_dir} hold {3 * max(lengths)} words")
-    rng = np.random.default_rng(seed)
-    starts = [int(rng.integers(len(words) - 2 * max(lengths))) for words in texts_by_essay]
     tokenizer_owner = next(iter(models.values())).backbone
+    # an essay qualifies when it holds more than the longest excerpt; each excerpt starts at a
+    # seeded random word early enough that the longest one still fits before the essay ends
+    longest = max(lengths)
+    texts_by_essay, spans = [], []
+    for words in essays(essays_dir):
+        tokens = _token_count(tokenizer_owner, " ".join(words))
+        needed = int(np.ceil(longest * len(words) / tokens * 1.15))  # words holding `longest` tokens, with slack
+        if len(words) > needed:
+            texts_by_essay.append(words)
+            spans.append(len(words) - needed)
+        if len(texts_by_essay) == count:
+            break
+    if len(texts_by_essay) < 2:
+        raise SystemExit(f"fewer than 2 essays in {essays_dir} hold {longest} tokens")
+    rng = np.random.default_rng(seed)
+    starts = [int(rng.integers(span + 1)) for span in spans]
     curves: dict[str, dict[str, float]] = {name: {} for name in models}
+    intervals: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     for length in lengths:
         excerpts = [
             fit_to_length(tokenizer_owner, words[start : start + 2 * length], "", 1.0, length)
@@ -68,15 +97,20 @@ def run(
         for name, model in models.items():
             vectors = model.encode(excerpts, batch_size=4, truncation="error")
             curves[name][str(length)] = mean_pairwise_cosine(vectors)
-            print(f"{length:>5} {name}: {curves[name][str(length)]:.4f}", flush=True)
-    result = {"excerpts": len(texts_by_essay), "seed": seed, "model": model_path, "mean_pairwise_cosine": curves}
+            intervals[name][str(length)] = bootstrap_interval(vectors, seed=seed)
+            low, high = intervals[name][str(length)]
+            print(f"{length:>5} {name}: {curves[name][str(length)]:.4f} (95% CI {low:.4f}-{high:.4f})", flush=True)
+    result = {
+        "excerpts": len(texts_by_essay), "seed": seed, "model": model_path,
+        "mean_pairwise_cosine": curves, "mean_pairwise_cosine_ci": intervals,
+    }
     output.mkdir(parents=True, exist_ok=True)
     storage.write_json(output / "length_collapse.json", result)
-    _plot(curves, output / "length_collapse.png")
+    _plot(curves, output / "length_collapse.png", intervals)
     return result
 
 
-def _plot(curves: dict[str, dict[str, float]], path: Path) -> None:
+def _plot(curves: dict[str, dict[str, float]], path: Path, intervals: dict[str, dict[str, list[float]]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,9 +122,13 @@ def _plot(curves: dict[str, dict[str, float]], path: Path) -> None:
     for name, curve in curves.items():
         lengths = sorted(int(n) for n in curve)
         axes.plot(lengths, [curve[str(n)] for n in lengths], marker="o", label=name)
+        if intervals:
+            axes.fill_between(
+                lengths, [intervals[name][str(n)][0] for n in lengths], [intervals[name][str(n)][1] for n in lengths], alpha=0.2
+            )
     axes.set_xscale("log", base=2)
     axes.set_xlabel("excerpt length (tokens)")
-    axes.set_ylabel("mean pairwise cosine")
+    axes.set_ylabel("mean pairwise cosine (95% CI)")
     axes.set_title("length collapse")
     axes.legend()
     figure.tight_layout()

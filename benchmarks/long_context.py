@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from typing import Any, Sequence
 
+# "truncation" is the recipe's inner encoder itself (its path and precision: see
+# truncation_overrides), cut at its 512 positions.
 CONFIGURATIONS: dict[str, list[str]] = {
-    "truncation": ["backbone=hf_encoder", "backbone.max_length=512"],
+    "truncation": ["backbone=hf_encoder", "~backbone.inner", "backbone.max_length=512"],
     "pi": [],
     "pi+temp": ["attention=temp_scale"],
     "pi+temp+lambda": ["attention=[lambda_mask,temp_scale]"],
@@ -44,6 +48,14 @@ def model_overrides(configuration: list[str], model: str | None) -> list[str]:
     return [*configuration, f"backbone.inner={{name: hf_encoder, path: '{model}'}}"]
 
 
+def truncation_overrides(inner: Any) -> list[str]:
+    """The recipe's inner encoder as the baseline's backbone: the same model folder and
+    precision as the extended configurations, so only the extension differs."""
+    if not isinstance(inner, dict):
+        return []
+    return [f"backbone.{key}={value}" for key, value in inner.items() if key in ("path", "precision")]
+
+
 def run(
     overrides: Sequence[str] = (),
     smoke: bool = False,
@@ -56,28 +68,47 @@ def run(
     from embplex.config import compose_config
 
     registry = embplex.load_registry()
+    recipe = ["experiment=long_context", *(SMOKE if smoke else [])]
+    inner = compose_config([*recipe, *overrides], registry=registry)["backbone"].get("inner")
+    started = time.perf_counter()
+    # evaluate_long_context logs one line per length (documents encoded, seconds)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    progress = logging.getLogger("embplex.long_context")
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
     summary: dict[str, Any] = {}
-    for task in TASKS:
-        runs = {}
-        for name, configuration in CONFIGURATIONS.items():
-            if only and name not in only:
-                continue
-            cfg = compose_config(
-                ["experiment=long_context", f"data={task}", *(SMOKE if smoke else []),
-                 *model_overrides(configuration, model), *overrides],
-                registry=registry,
+    try:
+        for task in TASKS:
+            runs = {}
+            for name, configuration in CONFIGURATIONS.items():
+                if only and name not in only:
+                    continue
+                if name == "truncation":
+                    configuration = [*configuration, *truncation_overrides(inner)]
+                cfg = compose_config(
+                    [*recipe, f"data={task}", *model_overrides(configuration, model), *overrides],
+                    registry=registry,
+                )
+                print(f"[{_clock(started)}] {task} {name}: starting", flush=True)
+                runs[name] = run_eval(cfg, registry, write=False)
+                print(f"[{_clock(started)}] {task} {name}: " + ", ".join(
+                    f"{n}: {v[runs[name]['metric']]:.1f}" for n, v in runs[name]["lengths"].items()), flush=True)
+            folder = output_dir(cfg)
+            storage.write_json(
+                folder / f"{task}.json",
+                {"task": task, "smoke": smoke, "configurations": {n: CONFIGURATIONS[n] for n in runs}, "runs": runs},
             )
-            runs[name] = run_eval(cfg, registry, write=False)
-            print(f"{task} {name}: " + ", ".join(
-                f"{n}: {v[runs[name]['metric']]:.1f}" for n, v in runs[name]["lengths"].items()), flush=True)
-        folder = output_dir(cfg)
-        storage.write_json(
-            folder / f"{task}.json",
-            {"task": task, "smoke": smoke, "configurations": {n: CONFIGURATIONS[n] for n in runs}, "runs": runs},
-        )
-        long_context.plot(runs, folder / f"{task}.png")
-        summary[task] = runs
+            long_context.plot(runs, folder / f"{task}.png")
+            summary[task] = runs
+    finally:
+        progress.removeHandler(handler)
     return summary
+
+
+def _clock(started: float) -> str:
+    seconds = int(time.perf_counter() - started)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

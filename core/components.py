@@ -302,6 +302,11 @@ class Attention(Component):
       ``[batch, heads, q, k]`` (``heads`` = query heads, ``q`` = ``k`` = the batch's token
       width, dtype of the model's activations). It sees every pair, masked ones included:
       it runs *before* the mask, and masked pairs are set to the dtype's minimum after it.
+    * ``score_scale(layer)`` -> ``[batch, 1, 1, 1]`` or ``None`` (the default): a factor
+      per text by which the layer's scaled scores are multiplied, before ``scores`` (in a
+      list, in list order among the members' ``scores``). Unlike ``scores`` it keeps the
+      fused kernel: when nothing else rewrites the layer, the queries are multiplied by it,
+      which multiplies every score ``q·k`` of the text by the same factor.
     * ``probs(probs, layer)`` rewrites the probabilities (same shape and dtype; masked
       keys are 0). Masked keys are set back to 0 after it.
     * ``attend(query, key, value, mask, scaling, layer, dropout)`` is the whole
@@ -319,9 +324,9 @@ class Attention(Component):
       ``effective_mask``. A policy with a ``layers`` option stores it here; ``bind``
       refuses a layer the backbone does not have.
 
-    When none of ``qk_scores``, ``scores`` or ``probs`` is overridden the backbone uses a
-    fused kernel (``scaled_dot_product_attention``); otherwise it computes attention
-    explicitly.
+    When none of ``qk_scores``, ``scores``, ``probs`` or ``probs_with_values`` is
+    overridden the backbone uses a fused kernel (``scaled_dot_product_attention``, with
+    ``score_scale`` folded into the queries); otherwise it computes attention explicitly.
     """
 
     causal: bool | None = None
@@ -389,13 +394,26 @@ class Attention(Component):
         return positions.ids
 
     def qk_scores(self, query: Tensor, key: Tensor, scaling: float, layer: int) -> Tensor:
-        return torch.matmul(query, key.transpose(-1, -2)) * scaling
+        # the scaling on the queries (head_dim wide), not on the [q, k] product: one pass less
+        return torch.matmul(query * scaling, key.transpose(-1, -2))
+
+    def score_scale(self, layer: int) -> Tensor | None:
+        return None
 
     def scores(self, scores: Tensor, layer: int) -> Tensor:
         return scores
 
     def probs(self, probs: Tensor, layer: int) -> Tensor:
         return probs
+
+    def _explicit_hooks(self, layer: int) -> frozenset[str]:
+        """Which steps of the explicit computation this policy rewrites on ``layer``, so
+        that the others (each a pass over ``[batch, heads, q, k]``) are skipped."""
+        cls = type(self)
+        hooks = {n for n in ("scores", "probs", "probs_with_values") if getattr(cls, n) is not getattr(Attention, n)}
+        if cls.score_scale is not Attention.score_scale:
+            hooks.add("score_scale")
+        return frozenset(hooks)
 
     def probs_with_values(self, probs: Tensor, value: Tensor, layer: int) -> Tensor:
         """Rewrite the probabilities knowing the values (``[batch, heads, k, head_dim]``,
@@ -423,7 +441,12 @@ class Attention(Component):
     @property
     def rewrites_attention(self) -> bool:
         """Whether the policy changes any layer's attention beyond the mask."""
-        return self.rewrites_scores or type(self).attend is not Attention.attend
+        cls = type(self)
+        return (
+            self.rewrites_scores
+            or cls.score_scale is not Attention.score_scale
+            or cls.attend is not Attention.attend
+        )
 
     def attend(
         self,
@@ -439,19 +462,51 @@ class Attention(Component):
         ``value`` may have fewer heads (grouped-query attention). Returns the output as
         ``[batch, q, heads, dim]`` and the probabilities when they were computed."""
         if not self.rewrites_scores:
-            return fused_attention(query, key, value, mask, scaling, dropout), None
+            return fused_attention(_scaled_query(query, self.score_scale(layer)), key, value, mask, scaling, dropout), None
         key, value = _repeat_heads(query, key, value)
+        hooks = self._explicit_hooks(layer)
+        # Without autograd, the tensors this method made itself (not returned by a policy
+        # hook, which may keep them) are rewritten in place: at 4096 tokens each is
+        # batch × heads × 64 MiB, and allocating a fresh one per step dominated the time.
+        in_place = not torch.is_grad_enabled()
+        scale = self.score_scale(layer)
+        if scale is not None and not self.computes_qk_scores:  # query @ keyᵀ is linear in the query
+            query, scale = _scaled_query(query, scale), None
         scores = self.qk_scores(query, key, scaling, layer)
-        scores = self.scores(scores, layer)
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        own = in_place and not self.computes_qk_scores
+        if scale is not None:
+            scale = scale.to(device=scores.device, dtype=scores.dtype)
+            scores = scores.mul_(scale) if own else scores * scale
+        if "scores" in hooks:
+            scores = self.scores(scores, layer)
+            own = False
+        blocked = ~mask
+        low = torch.finfo(scores.dtype).min
+        scores = scores.masked_fill_(blocked, low) if own else scores.masked_fill(blocked, low)
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        probs = self.probs(probs, layer).masked_fill(~mask, 0.0)
-        if type(self).probs_with_values is not Attention.probs_with_values:
-            probs = self.probs_with_values(probs, value, layer).masked_fill(~mask, 0.0)
+        del scores
+        if "probs" in hooks:
+            probs = self.probs(probs, layer).masked_fill(blocked, 0.0)
+        elif "scores" in hooks:  # a rewrite may leave a row nothing above the masked pairs
+            probs = probs.masked_fill(blocked, 0.0)
+        # else the masked pairs are 0 already: exp(dtype minimum − a real score) underflows
+        if "probs_with_values" in hooks:
+            probs = self.probs_with_values(probs, value, layer)
+            # in place without autograd (the contract lets the backbone zero the masked
+            # pairs of what this hook returns)
+            probs = probs.masked_fill_(blocked, 0.0) if in_place else probs.masked_fill(blocked, 0.0)
         if dropout and self.training:
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out = torch.matmul(probs, value)
         return out.transpose(1, 2).contiguous(), probs
+
+
+def _scaled_query(query: Tensor, scale: Tensor | None) -> Tensor:
+    """``query`` multiplied by a ``score_scale`` (``[batch, 1, 1, 1]``): every score the
+    fused kernel computes from it is then multiplied by that factor."""
+    if scale is None:
+        return query
+    return query * scale.to(device=query.device, dtype=query.dtype)
 
 
 class AttentionChain(Attention):
@@ -526,8 +581,39 @@ class AttentionChain(Attention):
                 return policy.qk_scores(query, key, scaling, layer)
         return super().qk_scores(query, key, scaling, layer)
 
-    def scores(self, scores: Tensor, layer: int) -> Tensor:
+    @property
+    def computes_qk_scores(self) -> bool:
+        return any(policy.computes_qk_scores for policy in self.policies)
+
+    def _explicit_hooks(self, layer: int) -> frozenset[str]:
+        hooks: set[str] = set()
         for policy in self._active(layer):
+            hooks |= policy._explicit_hooks(layer)
+        if "score_scale" in hooks and "scores" in hooks:
+            # the factors interleave with the members' scores: the chain's scores applies
+            # both in list order (score_scale below then answers None)
+            hooks.add("interleaved")
+        return frozenset(hooks)
+
+    def score_scale(self, layer: int) -> Tensor | None:
+        """The product of the members' factors, when no member rewrites ``scores`` on
+        ``layer`` (then the order does not matter); else ``None`` and ``scores`` applies
+        them in list order."""
+        if "interleaved" in self._explicit_hooks(layer):
+            return None
+        scale = None
+        for policy in self._active(layer):  # factors multiply in any order
+            factor = policy.score_scale(layer)
+            if factor is not None:
+                scale = factor if scale is None else scale * factor.to(scale)
+        return scale
+
+    def scores(self, scores: Tensor, layer: int) -> Tensor:
+        interleaved = "interleaved" in self._explicit_hooks(layer)
+        for policy in self._active(layer):
+            scale = policy.score_scale(layer) if interleaved else None
+            if scale is not None:
+                scores = scores * scale.to(device=scores.device, dtype=scores.dtype)
             scores = policy.scores(scores, layer)
         return scores
 
@@ -556,7 +642,7 @@ class AttentionChain(Attention):
             if type(policy).attend is not Attention.attend:  # alone on this layer (see bind)
                 return policy.attend(query, key, value, mask, scaling, layer, dropout)
         if not any(policy.rewrites_scores for policy in active):
-            return fused_attention(query, key, value, mask, scaling, dropout), None
+            return fused_attention(_scaled_query(query, self.score_scale(layer)), key, value, mask, scaling, dropout), None
         return super().attend(query, key, value, mask, scaling, layer, dropout)
 
     def save(self, directory: Path) -> None:

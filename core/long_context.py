@@ -24,6 +24,7 @@ key of its own, so a query must find the one document that mentions its person.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ import numpy as np
 
 from .errors import InputError
 from .storage import atomic_file
+
+_log = logging.getLogger(__name__)  # one line per length: long runs show their progress
 
 TASKS = ("passkey", "needle")
 LENGTHS = (256, 512, 1024, 2048, 4096)
@@ -199,6 +202,10 @@ def evaluate_long_context(
             entry[f"ndcg@{k}"] = 100 * float(values.mean())
             entry[f"ndcg@{k}_ci"] = [100 * low, 100 * high]
         per_length[str(length)] = entry
+        _log.info(
+            "%s %d tokens: %d documents and %d queries, nDCG@1 %.1f, %.0f s so far",
+            task, length, len(doc_ids), len(query_ids), entry["ndcg@1"], time.perf_counter() - started,
+        )
     metric = "ndcg@1" if task == "passkey" else "ndcg@10"
     # the headline metric per length at the top level, as `embplex eval` prints and a
     # sweep's summary tabulates every metric that has a `_ci`

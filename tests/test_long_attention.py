@@ -100,6 +100,33 @@ def test_temp_scale_min_length_leaves_short_texts_alone(tiny_bert_path):
     assert np.abs(every - plain).max(axis=1).min() > 1e-4  # (the random tiny model reacts little)
 
 
+class DividesTheScores(Attention):
+    """temp_scale written as a scores rewrite: the explicit computation it replaced."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def scores(self, scores, layer):
+        return scores / self.temperature
+
+
+def test_temp_scale_keeps_the_fused_kernel_and_equals_dividing_the_scores(tiny_bert_path):
+    """score_scale is folded into the queries: same embeddings as dividing the scores,
+    alone (fused kernel) and in a list that computes attention explicitly."""
+    texts = ["the cat sat", " ".join(WORDS[:40]), " ".join(WORDS[5:25])]  # padded rows too
+    sharp = compose(tiny_bert_path, {"name": "temp_scale", "temperature": 0.05})
+    assert not sharp.attention.rewrites_scores and sharp.attention.rewrites_attention
+    reference = compose(tiny_bert_path, [DividesTheScores(0.05)]).encode(texts)
+    np.testing.assert_allclose(sharp.encode(texts), reference, atol=1e-6)
+    assert np.abs(reference - compose(tiny_bert_path, None).encode(texts)).max() > 1e-4
+    listed = compose(tiny_bert_path, [{"name": "temp_scale", "temperature": 0.05}, Recorder()]).encode(texts)
+    np.testing.assert_allclose(listed, reference, atol=1e-6)
+    # beside a member that rewrites the scores, the factor applies in list order
+    interleaved = compose(tiny_bert_path, [{"name": "temp_scale", "temperature": 0.05}, DividesTheScores(1.0)])
+    np.testing.assert_allclose(interleaved.encode(texts), reference, atol=1e-6)
+
+
 @pytest.mark.parametrize("temperature", [0, -0.5])
 def test_temp_scale_refuses_a_non_positive_temperature(tiny_bert_path, temperature):
     with pytest.raises(OptionError, match=f"temperature={temperature} must be positive"):
@@ -252,6 +279,32 @@ def test_sink_calibration_cuts_the_mass_on_detected_sinks_by_the_factor(minilm_p
         assert not sinks[..., 0].any()
         assert not (sinks & ~features.attention_mask.bool()[:, None, None, :]).any()
     assert found > 0, "all-MiniLM-L6-v2 has separator sinks; none was detected"
+
+
+def test_sink_calibration_rescales_rows_as_the_plain_formula(tiny_bert_path):
+    """The lean rewrite (products, one full-size tensor) against the formula written out:
+    sinks keep ``factor`` of their mass, the other keys share the rest in proportion."""
+    from embplex.plugins.attention.sink_calibration import SinkCalibration
+
+    generator = torch.Generator().manual_seed(0)
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[1, 9:] = 0
+    scores = torch.randn(2, 3, 12, 12, generator=generator)
+    scores[..., 4] += 4.0  # key 4 draws the attention of every query
+    scores = scores.masked_fill(~padding.bool()[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    value = torch.randn(2, 3, 12, 8, generator=generator)
+    value[:, :, 4] *= 0.01  # and carries a small value: a sink
+    policy = SinkCalibration(factor=0.25)
+    policy.bind(1, causal=False)
+    policy.mask(padding)
+    sinks = policy.sinks(probs, value)
+    assert sinks[:, :, 4].all() and not sinks[:, :, 0].any()
+    on_sinks = (probs * sinks[:, :, None, :]).sum(dim=-1, keepdim=True)
+    expected = torch.where(sinks[:, :, None, :], probs * 0.25, probs * (1 - 0.25 * on_sinks) / (1 - on_sinks))
+    calibrated = policy.probs_with_values(probs, value, 1)
+    torch.testing.assert_close(calibrated, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(calibrated.sum(dim=-1), torch.ones(2, 3, 12), atol=1e-5, rtol=0)
 
 
 def test_sink_calibration_changes_nothing_where_no_sink_is_found(tiny_bert_path):

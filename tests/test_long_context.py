@@ -88,7 +88,7 @@ def test_eval_data_passkey_writes_scores_per_length_and_a_plot(tiny_bert_path, r
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_long_context_experiment_smoke(tiny_bert_path, tmp_path):
+def test_long_context_experiment_smoke(tiny_bert_path, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("long_context_experiment", REPO / "benchmarks" / "long_context.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -104,6 +104,26 @@ def test_long_context_experiment_smoke(tiny_bert_path, tmp_path):
         names = [s["name"] for s in saved["runs"]["pi+temp+lambda+sink"]["model"]["components"]["attention"]]
         assert names == ["lambda_mask", "temp_scale", "sink_calibration"]
         assert (tmp_path / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
+    # a progress line per configuration and per length, with the elapsed time
+    printed = capsys.readouterr().out
+    assert re.search(r"\[\d\d:\d\d\] needle pi\+temp\+lambda\+sink: starting", printed)
+    assert len(re.findall(r"passkey (256|512) tokens: 4 documents and 3 queries, .* s so far", printed)) == 4
+
+
+def test_long_context_baseline_is_the_recipes_inner_encoder():
+    """Truncation runs the same model folder and precision as the extended configurations."""
+    spec = importlib.util.spec_from_file_location("long_context_experiment", REPO / "benchmarks" / "long_context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    registry = embplex.load_registry()
+    recipe = compose_config(["experiment=long_context", "backbone.inner.precision=bf16"], registry=registry)
+    inner = dict(recipe["backbone"]["inner"])
+    baseline = compose_config(
+        ["experiment=long_context", "data=needle", *module.CONFIGURATIONS["truncation"], *module.truncation_overrides(inner)],
+        registry=registry,
+    )["backbone"]
+    assert (baseline["name"], baseline["max_length"]) == ("hf_encoder", 512)
+    assert (baseline["path"], baseline["precision"]) == (inner["path"], "bf16")
 
 
 def test_embplex_eval_prints_the_score_at_every_length(capsys, tiny_bert_path, tmp_path):
@@ -117,6 +137,20 @@ def test_embplex_eval_prints_the_score_at_every_length(capsys, tiny_bert_path, t
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
 
 
+def test_length_collapse_interval_resamples_excerpts_not_pairs():
+    spec = importlib.util.spec_from_file_location("length_collapse", REPO / "benchmarks" / "length_collapse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # orthogonal texts: every pair of two texts has cosine 0; a resample that drew one
+    # excerpt twice would add cosine-1 "pairs" if it counted a text with itself
+    assert module.bootstrap_interval(np.eye(6)) == [0.0, 0.0]
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(40, 8))
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    low, high = module.bootstrap_interval(spread)
+    assert low < module.mean_pairwise_cosine(spread) < high
+
+
 def test_length_collapse_experiment_smoke(tiny_bert_path, tmp_path):
     spec = importlib.util.spec_from_file_location("length_collapse", REPO / "benchmarks" / "length_collapse.py")
     module = importlib.util.module_from_spec(spec)
@@ -126,4 +160,7 @@ def test_length_collapse_experiment_smoke(tiny_bert_path, tmp_path):
     assert saved["excerpts"] == 4 and sorted(saved["mean_pairwise_cosine"]) == ["plain", "temp_scale 0.9"]
     for curve in saved["mean_pairwise_cosine"].values():
         assert sorted(curve) == ["128", "256"] and all(-1 <= v <= 1 for v in curve.values())
+    for name, curve in saved["mean_pairwise_cosine"].items():
+        for length, (low, high) in saved["mean_pairwise_cosine_ci"][name].items():
+            assert low <= high  # the point estimate can sit outside a percentile interval of 4 excerpts
     assert (tmp_path / "length_collapse.png").read_bytes()[:4] == b"\x89PNG"

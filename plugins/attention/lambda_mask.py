@@ -53,9 +53,9 @@ class LambdaMask(Attention):
     def pattern(self, padding_mask: Tensor) -> Tensor:
         """``[batch, 1, q, k]``: True inside the Λ (global start keys or local keys)."""
         length = padding_mask.shape[-1]
-        index = torch.arange(length, device=padding_mask.device)
-        distance = (index[:, None] - index[None, :]).abs()
-        local = distance < self.window
+        # the band |q - k| < window, built as a band of ones (no int64 distance matrix)
+        band = torch.ones(length, length, dtype=torch.bool, device=padding_mask.device)
+        local = band.triu(-(self.window - 1)).tril(self.window - 1)
         # a key's rank among its text's real tokens: the first n_global are global
         rank = padding_mask.long().cumsum(dim=-1) - 1
         start = (rank < self.n_global) & padding_mask.bool()

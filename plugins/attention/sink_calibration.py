@@ -55,8 +55,9 @@ class SinkCalibration(Attention):
             raise RuntimeError("sink_calibration: probabilities seen before mask(); run it through the backbone.")
         real = self._real.to(probs.device)
         count = real.sum(dim=-1).clamp(min=1)[:, None, None]  # real tokens per text
-        queries = real[:, None, :, None].to(probs.dtype)
-        received = (probs * queries).sum(dim=2) / count  # mean over the text's real queries
+        queries = real[:, None, None, :].to(probs.dtype)  # [batch, 1, 1, q]
+        # mean over the text's real queries, as a product: no [batch, heads, q, k] temporary
+        received = torch.matmul(queries, probs)[:, :, 0] / count
         norms = value.float().norm(dim=-1)  # [batch, heads, k]
         mean_norm = (norms * real[:, None]).sum(dim=-1, keepdim=True) / count
         first = (real.long().cumsum(dim=-1) == 1) & real
@@ -68,17 +69,25 @@ class SinkCalibration(Attention):
         )
 
     def probs_with_values(self, probs: Tensor, value: Tensor, layer: int) -> Tensor:
-        sinks = self.sinks(probs, value)[:, :, None, :]  # the same keys for every query
+        sinks = self.sinks(probs, value)  # [batch, heads, k]: the same keys for every query
         if not bool(sinks.any()):
             return probs
-        on_sinks = (probs * sinks).sum(dim=-1, keepdim=True)
+        # the sinks are a few columns: gather them rather than pass over every entry
+        batch, head, key = sinks.nonzero(as_tuple=True)
+        columns = probs[batch, head, :, key]  # [sinks, q]
+        on_sinks = probs.new_zeros(probs.shape[:3]).index_put_((batch, head), columns, accumulate=True)[..., None]
         rest = 1.0 - on_sinks
         # the others share what the sinks give up, in proportion to their own attention;
         # a row with all its attention on sinks (rest == 0) cannot give it away: unchanged
         keep = rest > 1e-6
         grow = torch.where(keep, (1.0 - self.factor * on_sinks) / rest.clamp(min=1e-6), torch.ones_like(rest))
-        scaled = torch.where(sinks, probs * self.factor, probs * grow)
-        return torch.where(keep, scaled, probs)
+        shrink = torch.where(keep, torch.full_like(rest, self.factor), torch.ones_like(rest))
+        # every key grows, then the sink columns are set to their shrunk values: one
+        # [batch, heads, q, k] tensor is made, the result (at 4096 tokens each is 64 MiB
+        # per text and head, and passes over them were most of the time)
+        calibrated = probs * grow
+        calibrated[batch, head, :, key] = columns * shrink[batch, head, :, 0]
+        return calibrated
 
 
 @embplex.hookimpl
