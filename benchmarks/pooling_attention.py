@@ -175,9 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = cells(sweep)
     if not rows:
         raise SystemExit(f"no trained jobs in {sweep}")
+    from embplex.errors import NonFiniteError
+
     for row in rows:
         if row["status"] == "completed":
-            row["results"] = evaluate(Path(row["folder"]), data, args.bootstrap)
+            try:
+                row["results"] = evaluate(Path(row["folder"]), data, args.bootstrap)
+            except NonFiniteError as error:  # e.g. cls under causal attention: one vector for every text
+                row["error"] = str(error)
+                continue
             for result in row["results"].values():
                 result.pop("model", None)
     compare(rows, args.bootstrap)

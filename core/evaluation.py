@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .storage import write_json
 
 if TYPE_CHECKING:
@@ -249,6 +249,16 @@ def evaluate_sts(
     left = vectors[[row[t] for t in s1]]
     right = vectors[[row[t] for t in s2]]
     cosine = np.einsum("ij,ij->i", left, right)
+    # Spearman's correlation with a constant is undefined (NaN): say why instead of reporting it
+    if np.ptp(gold_scores) == 0:
+        raise InputError(f"every STS pair has the same gold score ({gold_scores[0]:g}); Spearman's correlation needs varied scores.")
+    if np.ptp(cosine) == 0:
+        raise NonFiniteError(
+            f"every one of the {len(cosine)} STS pairs got the same cosine similarity ({cosine[0]:.6g}), so Spearman's "
+            "correlation is undefined (NaN): the model gives every text the same embedding. A pooling that reads "
+            "only the first token under causal attention does this (that token sees only itself); choose another "
+            "pooling or attention."
+        )
     low, high = bootstrap_ci((cosine, gold_scores), spearman, n=bootstrap, seed=seed)
     return {
         "task": "sts",

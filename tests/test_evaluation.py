@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from embplex import evaluation
-from embplex.errors import InputError
+from embplex.errors import InputError, NonFiniteError
 from embplex.evaluation import (
     bootstrap_ci,
     evaluate_retrieval,
@@ -157,6 +157,18 @@ def test_evaluate_sts_refuses_misaligned_data():
     model = TableModel({"a": [1, 0], "b": [0, 1]})
     with pytest.raises(InputError, match="aligned"):
         evaluate_sts(model, ["a", "b"], ["b"], [1.0, 2.0])
+
+
+def test_evaluate_sts_refuses_an_undefined_spearman_instead_of_reporting_nan():
+    # a model that gives every text the same vector (cls pooling under causal attention did,
+    # in the pooling x attention study): every cosine is 1, Spearman is NaN
+    same = TableModel({"a": [1, 0], "b": [1, 0], "c": [1, 0]})
+    with pytest.raises(NonFiniteError, match="same cosine similarity.*undefined"):
+        evaluate_sts(same, ["a", "b"], ["b", "c"], [1.0, 2.0])
+    varied = TableModel({"a": unit(0), "b": unit(30), "c": unit(80)})
+    with pytest.raises(InputError, match="same gold score"):
+        evaluate_sts(varied, ["a", "b"], ["b", "c"], [3.0, 3.0])
+    assert evaluate_sts(varied, ["a", "b", "a"], ["b", "c", "c"], [3.0, 2.0, 1.0], bootstrap=20)["spearman"] == pytest.approx(100)
 
 
 def toy_retrieval():
