@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from . import distributed, storage
+from .data import jsonl_record
 from .errors import InputError, ModelFileError, OutputError
 
 if TYPE_CHECKING:
@@ -133,12 +134,7 @@ def _rows(path: Path, kind: str) -> Iterator[tuple[str, str]]:
             continue
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}, line {number} is not JSON ({exc}).") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path}, line {number} is not a JSON object.")
+        record = jsonl_record(path, number, line)
         key = "id" if "id" in record else "_id"
         if record.get(key) in (None, ""):
             raise InputError(f"{path}, line {number} has no 'id' (or '_id'); every row needs one.")

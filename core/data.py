@@ -154,18 +154,22 @@ def _first_seen(seen: dict[str, int], key: str, line: int, where: str, what: str
     seen[key] = line
 
 
+def jsonl_record(path: Path, line: int, text: str) -> dict[str, Any]:
+    """Line ``line`` of the JSONL file ``path`` as a JSON object, or an error naming it."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}, line {line} is not valid JSON ({exc}).") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}.")
+    return record
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8") as handle:
         for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}, line {line} is not valid JSON ({exc}).") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}.")
-            yield line, record
+            if text.strip():
+                yield line, jsonl_record(path, line, text)
 
 
 def _check_limit(limit: int | None) -> None:

@@ -135,6 +135,19 @@ def test_other_backbones_refuse_a_domain_they_would_ignore(tiny_model):
 # -- from the command line: eval.domain -----------------------------------------------------
 
 
+def saved_with_a_distinct_second_expert(path: str, folder):
+    """A domain_moe model whose expert 1 is nudged away from expert 0 (so domains differ), saved to ``folder``."""
+    model = compose(path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.backbone.model.modules():
+            if type(module).__name__ == "_Experts":
+                for parameter in module.experts[1].parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save(folder)
+    return model
+
+
 def _cli(capsys, *args):
     from embplex.cli import main
 
@@ -152,14 +165,7 @@ def test_eval_domain_routes_every_evaluated_text_from_the_command_line(capsys, t
 
     pairs = tmp_path / "stsb.tsv"
     pairs.write_text("\n".join((data_dir / "sts" / "stsb" / "test.tsv").read_text(encoding="utf-8").splitlines()[:41]) + "\n")
-    model = compose(tiny_bert_path)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, module in model.backbone.model.named_modules():
-            if type(module).__name__ == "_Experts":
-                for parameter in module.experts[1].parameters():
-                    parameter.add_(0.05 * torch.randn_like(parameter))
-    model.save(tmp_path / "model")
+    model = saved_with_a_distinct_second_expert(tiny_bert_path, tmp_path / "model")
     common = [f"model.load={tmp_path / 'model'}", "data=stsb", f"data.eval.path={pairs}", "eval.bootstrap=20"]
     scores = {}
     for label in ("0", "stsb"):
@@ -204,14 +210,7 @@ def test_encode_domain_reaches_every_shard_of_a_sharded_encode(capsys, tmp_path,
     hold what ``encode(..., domain=)`` gives, and the label is part of the manifest."""
     from embplex.bulk import read_shards
 
-    model = compose(tiny_bert_path)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, module in model.backbone.model.named_modules():
-            if type(module).__name__ == "_Experts":
-                for parameter in module.experts[1].parameters():
-                    parameter.add_(0.05 * torch.randn_like(parameter))
-    model.save(tmp_path / "model")
+    model = saved_with_a_distinct_second_expert(tiny_bert_path, tmp_path / "model")
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     common = ["encode", f"model.load={tmp_path / 'model'}", f"encode.input={texts}", "encode.shard_size=2"]
