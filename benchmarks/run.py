@@ -22,6 +22,7 @@ BENCHMARKS = {
     "late_interaction": "late_interaction",  # the study of conf/experiment/late_interaction.yaml
     "serve": "bench_serve",
     "ddp": "ddp",  # 1 vs 2 processes under torchrun: training and bulk encoding
+    "long_context_cost": "long_context_cost",  # issue 9, experiment 3: tokens/s and memory against length
 }
 
 

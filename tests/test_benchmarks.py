@@ -195,3 +195,41 @@ def test_serve_benchmark_reports_throughput_and_latency_per_concurrency(tmp_path
             # every server, the baseline included, returns the model's vectors
             assert figures["max_abs_diff_vs_encode"] < 1e-5, server
     assert all(value > 0 for value in result["ratios"].values())
+
+
+def run_long_context_cost(tmp_path: Path, data_dir: Path, *arguments: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "EMBPLEX_DATA": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "benchmarks/run.py", "long_context_cost", *arguments],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_long_context_cost_reports_speed_and_memory_per_length_and_plots_them(tmp_path, data_dir):
+    output = tmp_path / "cost.json"
+    completed = run_long_context_cost(
+        tmp_path, data_dir, "--smoke", "--only", "truncation,pi+temp+lambda+sink", "--output", str(output)
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(output.read_text(encoding="utf-8"))
+    assert result["benchmark"] == "long_context_cost" and result["smoke"] is True
+    cells = [(row["configuration"], row["length"]) for row in result["rows"]]
+    # the plain model stops at its 512 positions; the extended one goes on
+    assert cells == [("truncation", 256), ("pi+temp+lambda+sink", 256), ("pi+temp+lambda+sink", 1024)]
+    for row in result["rows"]:
+        assert row["out_of_memory"] is False
+        assert row["tokens_per_second"] > 0
+        assert row["peak_rss_mib"] >= row["rss_after_load_mib"] > 0
+    assert result["settings"]["target_length"] == 1024
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_long_context_cost_reports_a_cell_beyond_its_memory_ceiling_as_out_of_memory(tmp_path, data_dir):
+    # an address-space ceiling below what the loaded model already maps: the first new
+    # tensor fails, and the cell says so instead of crashing the run
+    completed = run_long_context_cost(
+        tmp_path, data_dir, "--cell", "pi", "1024", "--lengths", "1024", "--texts", "1", "--memory-gib", "0.5"
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    answer = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert answer["out_of_memory"] is True and "seconds" not in answer
