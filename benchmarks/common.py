@@ -192,6 +192,57 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cap_address_space(gib: float) -> None:
+    """Limit this process's address space to ``gib`` GiB: an allocation beyond it fails
+    with an error (``MemoryError``, torch's "can't allocate memory", oneDNN's "could not
+    create a primitive") instead of swapping or waking the kernel's OOM killer, so a
+    memory benchmark can report "out of memory" as a result."""
+    limit = int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def chosen(only: str | None, choices: Sequence[str], what: str) -> list[str]:
+    """``--only a,b``'s names, checked against ``choices`` (all of them when not given)."""
+    names = only.split(",") if only else list(choices)
+    unknown = sorted(set(names) - set(choices))
+    if unknown:
+        raise SystemExit(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(choices)}")
+    return names
+
+
+def memory_grid(
+    script: str,
+    groups: Sequence[str],
+    sizes: Sequence[int],
+    cell_arguments: Callable[[str, int], list[str]],
+    describe: Callable[[dict[str, Any]], str],
+    names: tuple[str, str] = ("configuration", "size"),
+    applies: Callable[[str, int], bool] = lambda group, size: True,
+) -> list[dict[str, Any]]:
+    """Run ``python script --cell GROUP SIZE ...`` for each group and increasing size, each
+    cell a fresh process answering one JSON line with an ``out_of_memory`` flag; once a
+    group runs out of memory its larger sizes are not tried (they only need more) and are
+    recorded as skipped. Prints one progress line per cell; returns the rows."""
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for group in groups:
+        out_of_memory_at = None
+        for size in sorted(sizes):
+            if not applies(group, size):
+                continue
+            row: dict[str, Any] = {names[0]: group, names[1]: size}
+            if out_of_memory_at is not None:
+                row.update(out_of_memory=True, skipped=f"out of memory already at {out_of_memory_at}")
+            else:
+                row.update(run_json_subprocess([script, "--cell", group, str(size), *cell_arguments(group, size)]))
+                if row["out_of_memory"]:
+                    out_of_memory_at = size
+            rows.append(row)
+            shown = "out of memory" if row["out_of_memory"] else describe(row)
+            print(f"[{time.perf_counter() - started:6.0f} s] {group} {names[1]} {size}: {shown}", flush=True)
+    return rows
+
+
 def current_rss_mib() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from typing import Any
@@ -69,8 +68,7 @@ def cell(configuration: str, length: int, max_length: int, texts: int, memory_gi
     # what first asks for its large buffers and the memory ceiling sees them
     model.encode([chosen[0][:200]], batch_size=1, show_progress=False)
     loaded = common.current_rss_mib()
-    limit = int(memory_gib * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # fail here rather than swap
+    common.cap_address_space(memory_gib)
     answer: dict[str, Any] = {"threads": torch.get_num_threads(), "rss_after_load_mib": loaded}
     started = time.perf_counter()
     try:
@@ -107,33 +105,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cell:
         print(json.dumps(cell(args.cell[0], int(args.cell[1]), max_length, args.texts, args.memory_gib)))
         return {}
-    only = args.only.split(",") if args.only else list(CONFIGURATIONS)
-    unknown = sorted(set(only) - set(CONFIGURATIONS))
-    if unknown:
-        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGURATIONS)}")
-
+    only = common.chosen(args.only, list(CONFIGURATIONS), "configuration(s)")
     machine = common.machine_info()
-    rows: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    for configuration in only:
-        out_of_memory_at = None
-        for length in sorted(args.lengths):
-            if configuration == "truncation" and length > PLAIN_MAX:
-                continue
-            row: dict[str, Any] = {"configuration": configuration, "length": length, "texts": args.texts}
-            if out_of_memory_at is not None:  # longer inputs only need more
-                row.update(out_of_memory=True, skipped=f"out of memory already at {out_of_memory_at}")
-            else:
-                row.update(common.run_json_subprocess([
-                    __file__, "--cell", configuration, str(length), "--lengths", *map(str, args.lengths),
-                    "--texts", str(args.texts), "--memory-gib", str(args.memory_gib),
-                ]))
-                if row["out_of_memory"]:
-                    out_of_memory_at = length
-            rows.append(row)
-            shown = "out of memory" if row["out_of_memory"] else (
-                f"{row['tokens_per_second']:.0f} tokens/s, peak {row['peak_rss_mib']:.0f} MiB")
-            print(f"[{time.perf_counter() - started:6.0f} s] {configuration} {length}: {shown}", flush=True)
+    rows = common.memory_grid(
+        __file__, only, args.lengths,
+        lambda configuration, length: [
+            "--lengths", *map(str, args.lengths), "--texts", str(args.texts), "--memory-gib", str(args.memory_gib)],
+        lambda row: f"{row['tokens_per_second']:.0f} tokens/s, peak {row['peak_rss_mib']:.0f} MiB",
+        names=("configuration", "length"),
+        # the plain model stops at its own positions
+        applies=lambda configuration, length: configuration != "truncation" or length <= PLAIN_MAX,
+    )
+    for row in rows:
+        row["texts"] = args.texts
 
     result = {
         "benchmark": NAME,

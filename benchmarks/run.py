@@ -23,6 +23,7 @@ BENCHMARKS = {
     "serve": "bench_serve",
     "ddp": "ddp",  # 1 vs 2 processes under torchrun: training and bulk encoding
     "long_context_cost": "long_context_cost",  # issue 9, experiment 3: tokens/s and memory against length
+    "gradcache_memory": "gradcache_memory",  # issue 16: peak training memory against batch size, infonce vs cached_infonce
 }
 
 

@@ -233,3 +233,23 @@ def test_long_context_cost_reports_a_cell_beyond_its_memory_ceiling_as_out_of_me
     assert completed.returncode == 0, completed.stderr[-3000:]
     answer = json.loads(completed.stdout.strip().splitlines()[-1])
     assert answer["out_of_memory"] is True and "seconds" not in answer
+
+
+def test_gradcache_memory_reports_peak_memory_per_loss_and_batch_size(tmp_path, data_dir, tiny_bert_path):
+    output = tmp_path / "memory.json"
+    environment = {**os.environ, "EMBPLEX_DATA": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "gradcache_memory", "--smoke", "--model", tiny_bert_path,
+         "--only", "cached_infonce", "--output", str(output)],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(output.read_text(encoding="utf-8"))
+    assert result["benchmark"] == "gradcache_memory" and result["smoke"] is True
+    cells = [(row["loss"], row["batch_size"]) for row in result["rows"]]
+    assert cells == [("cached_infonce", 8), ("cached_infonce", 32)]
+    for row in result["rows"]:
+        assert row["out_of_memory"] is False
+        assert row["seconds_per_step"] > 0
+        assert row["peak_rss_mib"] >= row["rss_after_load_mib"] > 0
+    assert output.with_suffix(".png").stat().st_size > 0
