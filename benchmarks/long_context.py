@@ -16,6 +16,7 @@ configuration).
     python benchmarks/long_context.py                 # the full experiment
     python benchmarks/long_context.py --smoke         # seconds: 2 lengths, 3 queries
     python benchmarks/long_context.py --smoke --model PATH --only truncation,pi output_dir=/tmp/x
+    python benchmarks/long_context.py --tasks needle   # one task (its JSON and plot)
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def run(
     smoke: bool = False,
     model: str | None = None,
     only: Sequence[str] | None = None,
+    tasks: Sequence[str] = TASKS,
 ) -> dict[str, Any]:
     import embplex
     from embplex import long_context, storage
@@ -79,7 +81,7 @@ def run(
     progress.setLevel(logging.INFO)
     summary: dict[str, Any] = {}
     try:
-        for task in TASKS:
+        for task in tasks:
             runs = {}
             for name, configuration in CONFIGURATIONS.items():
                 if only and name not in only:
@@ -116,13 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="2 lengths, 3 queries, 4 candidates")
     parser.add_argument("--model", help="another hf_encoder model folder (tests use a tiny one)")
     parser.add_argument("--only", help="comma-separated configurations to run (default: all)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: both; each writes its own JSON and plot)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. output_dir=runs/x")
     args = parser.parse_args(argv)
     only = args.only.split(",") if args.only else None
     unknown = sorted(set(only or ()) - set(CONFIGURATIONS))
     if unknown:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGURATIONS)}")
-    run(args.overrides, smoke=args.smoke, model=args.model, only=only)
+    tasks = args.tasks.split(",")
+    if set(tasks) - set(TASKS):
+        parser.error(f"unknown task(s) {', '.join(sorted(set(tasks) - set(TASKS)))}; choose from {', '.join(TASKS)}")
+    run(args.overrides, smoke=args.smoke, model=args.model, only=only, tasks=tasks)
     return 0
 
 
