@@ -14,6 +14,7 @@ all-MiniLM-L6-v2 (``conf/experiment/length_buckets.yaml``):
     python benchmarks/length_buckets.py                 # the study (not yet run on this project's machines)
     python benchmarks/length_buckets.py --padding-only  # the padding table, no training
     python benchmarks/length_buckets.py --smoke         # seconds: tiny data, tiny encoder
+    python benchmarks/length_buckets.py --datasets scifact --output runs/length_buckets/scifact   # one data set
     python benchmarks/length_buckets.py --padding-only --resample 200000  # SNLI at a training set's size
 
 ``--resample N`` draws N SNLI dev triplets with replacement (seeded): a training set's
@@ -70,7 +71,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resample", type=int, default=0, help="padding-only: SNLI drawn with replacement to this many triplets")
     parser.add_argument("--output", type=Path, default=Path("runs/length_buckets"))
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--datasets", default=",".join(DATA), help="comma-separated: snli, scifact (default both)")
     args = parser.parse_args(argv)
+    datasets = args.datasets.split(",")
+    if set(datasets) - set(DATA):
+        parser.error(f"unknown data set(s) {', '.join(sorted(set(datasets) - set(DATA)))}; choose from {', '.join(DATA)}")
     if args.resample and not args.padding_only:
         parser.error("--resample measures padding only: add --padding-only (the study trains on the real sets)")
 
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (snli / "dev_triplets.tsv").write_bytes((args.data / "pairs" / "snli" / "dev_triplets.tsv").read_bytes())
     budget = [f"sampler.max_tokens={1024 if args.smoke else 4096}"]
     report: dict[str, Any] = {"smoke": args.smoke}
-    for data in DATA:
+    for data in datasets:
         for name in SAMPLERS:
             cfg = compose_config(
                 ["experiment=length_buckets", f"data={data}", f"sampler={name}", f"output_dir={args.output / data / name}", *extra,
