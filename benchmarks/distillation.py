@@ -84,6 +84,11 @@ def sweep(command: str, overrides: list[str], output: Path) -> list[dict[str, An
     if code != 0 or summary["failed"]:
         errors = "; ".join(job["error"] or "" for job in summary["jobs"] if job["status"] != "completed")
         raise SystemExit(f"embplex {command} -m {' '.join(overrides)} failed: {errors}")
+    if command == "eval":  # the headline keeps numbers only; each metric's 95% interval is in the job's results
+        for job in summary["jobs"]:
+            # evaluation.write_results wraps the results with the version and the time
+            results = read_json(Path(job["output_dir"]) / "results.json", "evaluation results")["results"]
+            job["metrics"].update({f"{name}_ci": results[f"{name}_ci"] for name in list(job["metrics"])})
     return summary["jobs"]
 
 
@@ -122,14 +127,25 @@ def run(output: Path, extra: list[str]) -> dict[str, Any]:
     return {"rows": rows, "overrides": extra}
 
 
+def cell(metrics: dict[str, Any], name: str) -> str:
+    """``value (low–high)``: the metric and its 95% interval, where the run has them."""
+    if name not in metrics:
+        return "–"
+    interval = metrics.get(f"{name}_ci")
+    return f"{metrics[name]:.2f}" + (" ({:.2f}–{:.2f})".format(*interval) if interval else "")
+
+
 def table(results: dict[str, Any]) -> str:
     rows = results["rows"]
-    metrics = {data_set: sorted({m for row in rows.values() for m in row.get(data_set, {})}) for data_set in DATA_SETS}
+    metrics = {
+        data_set: sorted({m for row in rows.values() for m in row.get(data_set, {}) if not m.endswith("_ci")})
+        for data_set in DATA_SETS
+    }
     header = ["model"] + [f"{d} {m}" for d in DATA_SETS for m in metrics[d]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = ["student, untrained (floor)", "infonce", *DISTILLATION_LOSSES, "teacher (ceiling)"]
     for name in [n for n in order if n in rows]:
-        cells = [f"{rows[name].get(d, {}).get(m, float('nan')):.2f}" for d in DATA_SETS for m in metrics[d]]
+        cells = [cell(rows[name].get(d, {}), m) for d in DATA_SETS for m in metrics[d]]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 

@@ -39,7 +39,11 @@ def test_the_smoke_mode_runs_every_sweep(tmp_path, data_dir):
     }
     for name, by_data in rows.items():
         assert set(by_data) == {"stsb", "scifact"}, name
-        assert all(math.isfinite(v) for metrics in by_data.values() for v in metrics.values()), name
+        for metrics in by_data.values():
+            assert all(math.isfinite(v) for key, v in metrics.items() if not key.endswith("_ci")), name
+            for key in [k for k in metrics if not k.endswith("_ci")]:
+                low, high = metrics[f"{key}_ci"]  # every metric carries its 95% interval
+                assert low <= metrics[key] <= high, (name, key)
         assert "spearman" in by_data["stsb"] and "ndcg@10" in by_data["scifact"], name
     assert (tmp_path / "teacher-cache.safetensors").exists()  # the teacher ran, and its vectors were kept
     for job in json.loads((tmp_path / "train-distill" / "multirun_summary.json").read_text())["jobs"]:
