@@ -100,9 +100,28 @@ def main(argv: list[str] | None = None) -> None:
     negatives = args.runs / "negatives" / "negatives.json"
     if negatives.exists():
         plot_negatives(json.loads(negatives.read_text()), args.output / "training-negatives.png")
-    buckets = args.runs / "length_buckets" / "length_buckets.json"
-    if buckets.exists():
-        plot_length_buckets(json.loads(buckets.read_text()), args.output / "training-length-buckets.png")
+    distillation = args.runs / "distillation" / "distillation.json"
+    if distillation.exists():
+        rows = json.loads(distillation.read_text())["rows"]
+        headline = {"stsb": "spearman", "scifact": "ndcg@10"}
+        plot_distillation(
+            {
+                model: {
+                    data_set: {"metric": headline[data_set], "value": metrics[headline[data_set]],
+                               "ci": metrics[f"{headline[data_set]}_ci"]}
+                    for data_set, metrics in by_data.items()
+                }
+                for model, by_data in rows.items()
+            },
+            args.output / "training-distillation.png",
+        )
+    # length_buckets.py writes one JSON per run; --datasets runs each data set apart
+    reports = sorted((args.runs / "length_buckets").glob("**/length_buckets.json"))
+    if reports:
+        merged: dict[str, Any] = {}
+        for report in reports:
+            merged.update({k: v for k, v in json.loads(report.read_text()).items() if "/" in k})
+        plot_length_buckets(merged, args.output / "training-length-buckets.png")
 
 
 if __name__ == "__main__":

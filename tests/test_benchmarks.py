@@ -253,3 +253,32 @@ def test_gradcache_memory_reports_peak_memory_per_loss_and_batch_size(tmp_path, 
         assert row["seconds_per_step"] > 0
         assert row["peak_rss_mib"] >= row["rss_after_load_mib"] > 0
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_training_plots_draw_each_study_whose_json_exists(tmp_path):
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        training_plots = importlib.import_module("training_plots")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    runs = tmp_path / "runs"
+    (runs / "negatives").mkdir(parents=True)
+    (runs / "negatives" / "negatives.json").write_text(json.dumps({"arms": {
+        "in_batch": {"ndcg@10": 66.0, "ndcg@10_ci": [62.0, 70.0]},
+        "focal_infonce": {"ndcg@10": 65.0, "ndcg@10_ci": [61.0, 69.0], "change_vs_in_batch": -1.0,
+                          "change_ci": [-2.0, 0.5], "significant": False},
+    }}))
+    for data_set in ("snli", "scifact"):  # one JSON per --datasets run, merged into one plot
+        (runs / "length_buckets" / data_set).mkdir(parents=True)
+        (runs / "length_buckets" / data_set / "length_buckets.json").write_text(json.dumps({
+            "smoke": False,
+            f"{data_set}/length_buckets": {"waste": 0.1, "real_tokens_per_s": 1200.0},
+            f"{data_set}/no_duplicates": {"waste": 0.4, "real_tokens_per_s": 800.0},
+        }))
+    output = tmp_path / "plots"
+    output.mkdir()
+    training_plots.main(["--runs", str(runs), "--output", str(output)])
+    # distillation.json is absent: no plot for it, and no error
+    assert sorted(p.name for p in output.iterdir()) == ["training-length-buckets.png", "training-negatives.png"]
