@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     distillation = args.runs / "distillation" / "distillation.json"
     if distillation.exists():
         rows = json.loads(distillation.read_text())["rows"]
+        # floor first, ceiling last, the trained students between
+        rows = dict(sorted(rows.items(), key=lambda item: ("floor" not in item[0]) + 2 * ("ceiling" in item[0])))
         headline = {"stsb": "spearman", "scifact": "ndcg@10"}
         plot_distillation(
             {
