@@ -64,6 +64,14 @@ def padding(model: Any, examples: list, batches: list[list[int]]) -> dict[str, A
     }
 
 
+def epoch_tokens(model: Any, examples: list, sampler: Any, cfg: dict[str, Any], epoch: int) -> list[int]:
+    """Real tokens of each batch of one later epoch, as the trainer will draw it."""
+    from embplex.components import TrainingContext
+
+    batches = list(sampler.batches(examples, cfg["train"]["batch_size"], cfg["seed"], epoch, TrainingContext(model=model)))
+    return padding(model, examples, batches)["real_tokens"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny data and a tiny encoder: seconds")
@@ -91,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from negatives import smoke_overrides
 
-        extra = smoke_overrides(args.output, args.data) + ["data.train.limit=40"]
+        # 4 steps: SciFact's smoke set has 3 batches, so the runs cross into a second epoch
+        extra = smoke_overrides(args.output, args.data) + ["data.train.limit=40", "train.max_steps=4"]
         stsb = args.output / "data" / "sts" / "stsb"
         stsb.mkdir(parents=True, exist_ok=True)
         lines = (args.data / "sts" / "stsb" / "test.tsv").read_text(encoding="utf-8").splitlines()[:41]
@@ -127,19 +136,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.padding_only:
                 continue
             steps = cfg["train"]["max_steps"]
+            # the real tokens of every batch the run will train on: more epochs than the
+            # first when the run is longer than one (the trainer asks the sampler for epoch
+            # 1, 2, ... in turn)
+            tokens, epoch = list(row["real_tokens"]), 0
             if name == "length_buckets":  # as many real tokens as no_duplicates' run saw
-                target = sum(report[f"{data}/no_duplicates"]["real_tokens"][:steps])
+                target = report[f"{data}/no_duplicates"]["trained_real_tokens"]
+                while sum(tokens) < target:
+                    epoch += 1
+                    tokens += epoch_tokens(model, examples, sampler, cfg, epoch)
                 seen, steps = 0, 0
-                for tokens in row["real_tokens"]:
+                for count in tokens:
                     if seen >= target:
                         break
-                    seen, steps = seen + tokens, steps + 1
+                    seen, steps = seen + count, steps + 1
+            while len(tokens) < steps:
+                epoch += 1
+                tokens += epoch_tokens(model, examples, sampler, cfg, epoch)
+            row["trained_real_tokens"] = sum(tokens[:steps])
             cfg["train"]["max_steps"] = steps
             started = time.perf_counter()
             run_train(cfg, registry, model=model)
             elapsed = time.perf_counter() - started
             row.update(steps=steps, seconds=elapsed, steps_per_s=steps / elapsed,
-                       real_tokens_per_s=sum(row["real_tokens"][:steps]) / elapsed, eval=run_eval(cfg, registry, model=model))
+                       real_tokens_per_s=row["trained_real_tokens"] / elapsed, eval=run_eval(cfg, registry, model=model))
             print(f"         trained {steps} steps in {elapsed:.1f}s, eval {json.dumps({k: v for k, v in row['eval'].items() if isinstance(v, float)})}", flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "length_buckets.json").write_text(json.dumps(report, indent=2, default=str))
