@@ -14,7 +14,7 @@ sweeps (``embplex <command> -m``) and gathers their records into one table:
    cached in ``teacher.cache`` and shared by the jobs);
 4. and 5. ``eval -m experiment=distillation data=<d> model.load=<each student trained on d>``.
 
-    python benchmarks/distillation.py            # the study: not yet run (estimated under 30 minutes on 2 cores)
+    python benchmarks/distillation.py            # the study (docs/results/training.md; 40 minutes on one thread)
     python benchmarks/distillation.py --smoke    # the same sweeps on a handful of texts with a tiny
                                                  # random BERT as student and teacher: what CI runs
 

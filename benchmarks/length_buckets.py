@@ -11,7 +11,7 @@ all-MiniLM-L6-v2 (``conf/experiment/length_buckets.yaml``):
   many of its own batches as it takes to see as many real (non-padding) tokens; steps/s,
   real tokens/s and the evaluation after training.
 
-    python benchmarks/length_buckets.py                 # the study (not yet run on this project's machines)
+    python benchmarks/length_buckets.py                 # the study (docs/results/training.md)
     python benchmarks/length_buckets.py --padding-only  # the padding table, no training
     python benchmarks/length_buckets.py --smoke         # seconds: tiny data, tiny encoder
     python benchmarks/length_buckets.py --datasets scifact --output runs/length_buckets/scifact   # one data set

@@ -5,7 +5,7 @@ seed (``conf/experiment/negatives.yaml``), then evaluates SciFact test: nDCG@10 
 95% bootstrap interval, and the paired change against in-batch negatives with its paired
 95% interval (significant when the interval excludes 0).
 
-    python benchmarks/negatives.py            # the study (not yet run on this project's machines)
+    python benchmarks/negatives.py            # the study (docs/results/training.md)
     python benchmarks/negatives.py --smoke    # seconds: tiny BEIR set, tiny random encoder, 3 steps
     python benchmarks/negatives.py --margin-stats   # no training: how many mined negatives break the margin
 
