@@ -201,6 +201,25 @@ def cap_address_space(gib: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def run_under_ceiling(gib: float, work: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``work()`` under an address-space ceiling of ``gib`` GiB (``cap_address_space``).
+
+    A ``MemoryError`` or ``RuntimeError`` is taken for an allocation the ceiling refused
+    (the caller makes that sound: a warm-up of the same code without the ceiling, or cells
+    that differ only in size): the answer is ``out_of_memory`` with the error's first line,
+    never a crash. Otherwise it holds the ``seconds`` the work took and the process's
+    ``peak_rss_mib``."""
+    cap_address_space(gib)
+    started = time.perf_counter()
+    try:
+        work()
+    except (MemoryError, RuntimeError) as error:
+        return {"out_of_memory": True, "error": str(error).splitlines()[0][:200]}
+    seconds = time.perf_counter() - started
+    # getrusage's peak and /proc's current RSS are sampled apart: never report a peak below now
+    return {"out_of_memory": False, "seconds": seconds, "peak_rss_mib": max(peak_rss_mib(), current_rss_mib())}
+
+
 def chosen(only: str | None, choices: Sequence[str], what: str) -> list[str]:
     """``--only a,b``'s names, checked against ``choices`` (all of them when not given)."""
     names = only.split(",") if only else list(choices)

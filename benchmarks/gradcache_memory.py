@@ -58,23 +58,12 @@ def cell(loss: str, batch_size: int, steps: int, memory_gib: float, model: str |
         cfg = compose_config(overrides, registry=registry)
         built = build_model(cfg, registry)
         loaded = common.current_rss_mib()
-        common.cap_address_space(memory_gib)
         answer: dict[str, Any] = {"threads": torch.get_num_threads(), "rss_after_load_mib": loaded}
-        started = time.perf_counter()
-        try:
-            run_train(cfg, registry, model=built)
-        except (MemoryError, RuntimeError) as error:
-            # nothing else differs between cells of one loss: the refused allocation is the cause
-            answer.update(out_of_memory=True, error=str(error).splitlines()[0][:200])
-            return answer
-        seconds = time.perf_counter() - started
-    peak = max(common.peak_rss_mib(), common.current_rss_mib())
-    answer.update(
-        out_of_memory=False,
-        seconds_per_step=seconds / steps,  # includes saving the model once at the end
-        peak_rss_mib=peak,
-        peak_rss_over_loaded_mib=peak - loaded,
-    )
+        # nothing else differs between cells of one loss: a refused allocation is the cause of a failure
+        answer.update(common.run_under_ceiling(memory_gib, lambda: run_train(cfg, registry, model=built)))
+    if not answer["out_of_memory"]:
+        answer["seconds_per_step"] = answer.pop("seconds") / steps  # includes saving the model once at the end
+        answer["peak_rss_over_loaded_mib"] = answer["peak_rss_mib"] - loaded
     return answer
 
 

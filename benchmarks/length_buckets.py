@@ -64,12 +64,12 @@ def padding(model: Any, examples: list, batches: list[list[int]]) -> dict[str, A
     }
 
 
-def epoch_tokens(model: Any, examples: list, sampler: Any, cfg: dict[str, Any], epoch: int) -> list[int]:
-    """Real tokens of each batch of one later epoch, as the trainer will draw it."""
+def epoch_padding(model: Any, examples: list, sampler: Any, cfg: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """``padding`` of one epoch's batches, drawn as the trainer draws them."""
     from embplex.components import TrainingContext
 
     batches = list(sampler.batches(examples, cfg["train"]["batch_size"], cfg["seed"], epoch, TrainingContext(model=model)))
-    return padding(model, examples, batches)["real_tokens"]
+    return padding(model, examples, batches)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import embplex
     from embplex.app import build_model, run_eval, run_train
-    from embplex.components import TrainingContext
     from embplex.config import compose_config
     from embplex.data import load_training_data
 
@@ -127,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 draw = np.random.default_rng(cfg["seed"]).integers(len(examples), size=args.resample)
                 examples = [examples[i] for i in draw]
             sampler = registry.create("sampler", name, **{k: v for k, v in cfg["sampler"].items() if k != "name"})
-            batches = list(sampler.batches(examples, cfg["train"]["batch_size"], cfg["seed"], 0, TrainingContext(model=model)))
-            row = padding(model, examples, batches)
+            row = epoch_padding(model, examples, sampler, cfg, 0)
             print(f"{data:8} {name:14} batches {row['batches']:4}  waste {100 * row['waste']:5.1f}%  computed "
                   f"{100 * row['computed_waste']:5.1f}%  mean padded tokens {row['mean_padded_tokens']:8.0f}  "
                   f"examples per batch {row['batch_sizes']}", flush=True)
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 target = report[f"{data}/no_duplicates"]["trained_real_tokens"]
                 while sum(tokens) < target:
                     epoch += 1
-                    tokens += epoch_tokens(model, examples, sampler, cfg, epoch)
+                    tokens += epoch_padding(model, examples, sampler, cfg, epoch)["real_tokens"]
                 seen, steps = 0, 0
                 for count in tokens:
                     if seen >= target:
@@ -152,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     seen, steps = seen + count, steps + 1
             while len(tokens) < steps:
                 epoch += 1
-                tokens += epoch_tokens(model, examples, sampler, cfg, epoch)
+                tokens += epoch_padding(model, examples, sampler, cfg, epoch)["real_tokens"]
             row["trained_real_tokens"] = sum(tokens[:steps])
             cfg["train"]["max_steps"] = steps
             started = time.perf_counter()

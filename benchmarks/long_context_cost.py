@@ -68,26 +68,12 @@ def cell(configuration: str, length: int, max_length: int, texts: int, memory_gi
     # what first asks for its large buffers and the memory ceiling sees them
     model.encode([chosen[0][:200]], batch_size=1, show_progress=False)
     loaded = common.current_rss_mib()
-    common.cap_address_space(memory_gib)
     answer: dict[str, Any] = {"threads": torch.get_num_threads(), "rss_after_load_mib": loaded}
-    started = time.perf_counter()
-    try:
-        model.encode(chosen, batch_size=1, show_progress=False)
-    except (MemoryError, RuntimeError) as error:
-        # the same code ran in the warm-up without the ceiling, so a failure here is an
-        # allocation the ceiling refused; torch says "can't allocate memory", oneDNN
-        # "could not create a primitive" (the message is kept in the row)
-        answer.update(out_of_memory=True, error=str(error).splitlines()[0][:200])
-        return answer
-    seconds = time.perf_counter() - started
-    answer.update(
-        out_of_memory=False,
-        seconds=seconds,
-        tokens_per_second=texts * length / seconds,
-        # getrusage's peak and /proc's current RSS are sampled apart: never report a peak below now
-        peak_rss_mib=max(common.peak_rss_mib(), common.current_rss_mib()),
-    )
-    answer["peak_rss_over_loaded_mib"] = answer["peak_rss_mib"] - loaded
+    # the short warm-up ran the same code without the ceiling: a failure now is memory
+    answer.update(common.run_under_ceiling(memory_gib, lambda: model.encode(chosen, batch_size=1, show_progress=False)))
+    if not answer["out_of_memory"]:
+        answer["tokens_per_second"] = texts * length / answer["seconds"]
+        answer["peak_rss_over_loaded_mib"] = answer["peak_rss_mib"] - loaded
     return answer
 
 
